@@ -1,0 +1,42 @@
+"""guidedecode: inference-time decoding plugins for LLM reasoning.
+
+Three plug points (see README): token guides (``transformers.LogitsProcessor`` objects), step
+strategies (``model.generate(custom_generate=strategy)`` or ``strategy.run(backend, prompts)``),
+and in-forward weight deltas. Names are imported lazily so ``guidedecode --help`` stays fast.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "guidedecode.models",
+    "load_tokenizer": "guidedecode.models",
+    "DEFAULT_MODEL": "guidedecode.models",
+    "HFBackend": "guidedecode.backends",
+    "Completion": "guidedecode.backends",
+    "ContinuationScore": "guidedecode.backends",
+    "TokenGuide": "guidedecode.guides",
+    "HistoryBias": "guidedecode.guides",
+    "PresencePenalty": "guidedecode.guides",
+    "StepStrategy": "guidedecode.strategies",
+    "StrategyResult": "guidedecode.strategies",
+    "BestOfN": "guidedecode.strategies",
+    "SelfConsistency": "guidedecode.strategies",
+    "OracleScorer": "guidedecode.strategies",
+    "MeanLogProbScorer": "guidedecode.strategies",
+    "get_task": "guidedecode.tasks",
+    "GuidedecodeError": "guidedecode.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'guidedecode' has no attribute '{name}'")
+
+
+def __dir__():
+    return __all__

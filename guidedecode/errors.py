@@ -1,0 +1,25 @@
+"""Errors that name the problem.
+
+Every error guidedecode raises on bad input derives from :class:`GuidedecodeError`; the CLI prints
+it as one line (``error: <message>``) instead of a traceback.
+"""
+
+
+class GuidedecodeError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class ModelLoadError(GuidedecodeError):
+    """Unknown model name, missing wheel, corrupt weights or cache."""
+
+
+class TaskError(GuidedecodeError):
+    """Unknown task, missing or malformed data file."""
+
+
+class GuideError(GuidedecodeError):
+    """A token guide got or produced invalid values (NaN logits, bad parameters)."""
+
+
+class StrategyError(GuidedecodeError):
+    """A step strategy got invalid parameters or inputs."""

@@ -1,0 +1,6 @@
+"""Token guides: ``transformers.LogitsProcessor`` objects that adjust next-token scores per row."""
+
+from guidedecode.guides.base import TokenGuide
+from guidedecode.guides.bias import HistoryBias, PresencePenalty
+
+__all__ = ["TokenGuide", "HistoryBias", "PresencePenalty"]

@@ -1,0 +1,57 @@
+"""Tiny random-weight models of real architectures, built from a config with no download.
+
+Tests use them instead of mocks: the forward pass, KV cache and ``generate`` are the real
+transformers code paths of each architecture, only the sizes are small.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def tiny_config(arch: str, *, vocab_size: int = 512, **overrides):
+    """The config of a 2-layer, 64-wide model of ``arch`` (``llama``, ``qwen2``, ``mistral``, ``gpt2``)."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **common)
+    else:
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}.get(arch)
+        if cls is None:
+            raise ValueError(f"unknown tiny architecture '{arch}': choose one of {', '.join(TINY_ARCHS)}")
+        config = cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            **common,
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, *, vocab_size: int = 512, **overrides):
+    """A random-weight causal LM of a real architecture, deterministic in ``seed``, in eval mode.
+
+    ``vocab_size`` can be set to a real tokenizer's size (e.g. ``len(tokenizer)``) so the tiny model
+    pairs with that tokenizer.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, vocab_size=vocab_size, **overrides)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model.eval()
