@@ -1,0 +1,222 @@
+"""The eval harness: run a task with plain sampling, a token guide or a step strategy; resumable.
+
+Output directory layout::
+
+    config.json     the run's settings (a resumed run must match them)
+    results.jsonl   one line per problem: id, gold, completions, answers, correct, tokens, seconds
+    summary.json    accuracy (mean pass@1) with a 95% CI, pass@k, maj@k, tokens, tokens/s
+
+Problems are processed in fixed chunks (by index) with a seed derived from (seed, chunk), so each
+problem's samples do not depend on which chunks ran before: a run killed midway and resumed writes
+the same lines, and the summary (all but the timing fields) equals an uninterrupted run's.
+Each chunk's lines are appended and fsynced together; a torn last line is dropped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from guidedecode.errors import GuidedecodeError
+from guidedecode.metrics import majority_correct, mean_ci, pass_at_k
+
+TIMING_FIELDS = ("seconds", "tokens_per_second")
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    model: str
+    data: str | None = None
+    split: str = "test"
+    limit: int | None = None
+    samples: int = 1
+    seed: int = 0
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    guide: str | None = None
+    strategy: str | None = None
+    params: dict = field(default_factory=dict)
+    task_options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from guidedecode.registry import GUIDES, STRATEGIES
+
+        if self.guide and self.strategy:
+            raise GuidedecodeError("pass either a guide or a strategy, not both")
+        for kind, name, table in (("guide", self.guide, GUIDES), ("strategy", self.strategy, STRATEGIES)):
+            if name and name not in table:
+                raise GuidedecodeError(f"unknown {kind} '{name}': choose one of {', '.join(sorted(table))}")
+        if self.samples < 1:
+            raise GuidedecodeError(f"samples must be >= 1, got {self.samples}")
+        if self.temperature < 0:
+            raise GuidedecodeError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.samples > 1 and not self.strategy:
+            raise GuidedecodeError("greedy decoding (temperature 0) gives identical samples: use --samples 1")
+
+
+def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, tokenizer=None, progress: bool = True) -> dict:
+    """Evaluate, appending to ``out_dir/results.jsonl`` and skipping problems already there."""
+    from guidedecode.backends import HFBackend
+    from guidedecode.registry import build_guide, build_strategy
+    from guidedecode.tasks import get_task
+
+    config.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_config(out / "config.json", config)
+    task = get_task(config.task, **config.task_options)
+    problems = task.load(config.data, split=config.split, limit=config.limit)
+    if not problems:
+        raise GuidedecodeError(f"task '{config.task}' loaded no problems")
+    if model is None or tokenizer is None:
+        from guidedecode.models import load_model
+
+        model, tokenizer = load_model(config.model)
+    guide = build_guide(config.guide, tokenizer, config.params) if config.guide else None
+    strategy = build_strategy(config.strategy, tokenizer, config.params) if config.strategy else None
+    if strategy is not None and hasattr(strategy, "extract"):
+        strategy.extract = task.extract  # vote over the task's own answer format
+    backend = HFBackend(model, tokenizer, batch_size=config.batch_size, logits_processor=[guide] if guide else None)
+
+    results_path = out / "results.jsonl"
+    done = {record["id"] for record in read_results(results_path)}
+    per_chunk = 1 if strategy else max(1, config.batch_size // config.samples)
+    chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
+    bar = _progress(len(problems), len(done & {p.id for p in problems}), progress, config.task)
+    for index, chunk in enumerate(chunks):
+        todo = [p for p in chunk if p.id not in done]
+        if not todo:
+            continue
+        seed = config.seed * 1_000_003 + index
+        records = _run_chunk(task, backend, strategy, chunk, config, seed)
+        _append_lines(results_path, [r for r in records if r["id"] not in done])
+        bar.update(len(todo))
+    bar.close()
+    summary = summarize(read_results(results_path), [p.id for p in problems], config)
+    _atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) -> list[dict]:
+    prompts = [backend.chat_prompt(task.messages(p)) for p in chunk]
+    started = time.perf_counter()
+    if strategy is not None:
+        texts, tokens = [[] for _ in chunk], [[] for _ in chunk]
+        for k in range(config.samples):
+            strategy.seed = seed * 101 + k
+            for i, result in enumerate(strategy.run(backend, prompts, golds=[p.answer for p in chunk])):
+                texts[i].append(result.completion.text)
+                tokens[i].append(result.generated_tokens)
+    elif config.temperature == 0:
+        completions = backend.greedy(prompts, max_new_tokens=config.max_new_tokens)
+        texts, tokens = [[c.text] for c in completions], [[c.num_tokens] for c in completions]
+    else:
+        samples = backend.sample(prompts, config.samples, max_new_tokens=config.max_new_tokens,
+                                 temperature=config.temperature, top_p=config.top_p, seed=seed)
+        texts = [[c.text for c in row] for row in samples]
+        tokens = [[c.num_tokens for c in row] for row in samples]
+    seconds = (time.perf_counter() - started) / len(chunk)
+    flat_texts = [t for row in texts for t in row]
+    flat_problems = [p for p, row in zip(chunk, texts) for _ in row]
+    verdicts = iter(task.check_many(flat_texts, flat_problems))
+    return [
+        {
+            "id": problem.id,
+            "gold": problem.answer,
+            "completions": row,
+            "answers": [task.extract(t) for t in row],
+            "correct": [next(verdicts) for _ in row],
+            "tokens": row_tokens,
+            "seconds": seconds,
+        }
+        for problem, row, row_tokens in zip(chunk, texts, tokens)
+    ]
+
+
+def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
+    """Metrics over the records of ``ids`` (in that order); timing fields are listed in TIMING_FIELDS."""
+    by_id = {r["id"]: r for r in records}
+    rows = [by_id[i] for i in ids if i in by_id]
+    k = config.samples
+    pass1 = [sum(r["correct"]) / len(r["correct"]) for r in rows]
+    summary = {
+        "task": config.task,
+        "model": config.model,
+        "guide": config.guide,
+        "strategy": config.strategy,
+        "params": config.params,
+        "problems": len(rows),
+        "problems_total": len(ids),
+        "samples": k,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "seed": config.seed,
+        "accuracy": mean_ci(pass1),
+        "tokens_generated": sum(sum(r["tokens"]) for r in rows),
+    }
+    for kk in sorted({1, 2, 4, 8, 16, 32, k} & set(range(1, k + 1))):
+        summary[f"pass@{kk}"] = mean_ci([pass_at_k(len(r["correct"]), sum(r["correct"]), kk) for r in rows])
+    summary[f"maj@{k}"] = mean_ci([float(majority_correct(r["answers"], r["correct"])) for r in rows])
+    seconds = sum(r["seconds"] for r in rows)
+    summary["seconds"] = seconds
+    summary["tokens_per_second"] = summary["tokens_generated"] / seconds if seconds > 0 else None
+    return summary
+
+
+def read_results(path: Path) -> list[dict]:
+    """Records of a results file; a torn (partially written) last line is dropped from the file."""
+    if not path.exists():
+        return []
+    records, good_bytes = [], 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as handle:
+            handle.truncate(good_bytes)
+    return records
+
+
+def _append_lines(path: Path, records: list[dict]) -> None:
+    if not records:
+        return
+    data = "".join(json.dumps(r) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _check_or_write_config(path: Path, config: EvalConfig) -> None:
+    wanted = asdict(config)
+    if path.exists():
+        existing = json.loads(path.read_text())
+        changed = sorted(key for key in wanted if existing.get(key) != wanted[key])
+        if changed:
+            raise GuidedecodeError(
+                f"{path.parent} holds a run with different settings ({', '.join(changed)}): use a new --out directory"
+            )
+        return
+    _atomic_write_json(path, wanted)
+
+
+def _progress(total: int, initial: int, enabled: bool, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=f"eval {name}", unit="problem")

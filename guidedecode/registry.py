@@ -1,0 +1,79 @@
+"""Guides and strategies by name, for the CLI and the eval harness.
+
+``build_guide(name, tokenizer, params)`` and ``build_strategy(name, tokenizer, params)`` turn a
+name and ``key=value`` parameters (strings from the command line, converted by the constructor's
+annotations) into objects. Each issue that adds a method registers it here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from guidedecode.errors import GuidedecodeError
+
+
+def _presence_penalty(tokenizer, alpha: float = 1.0):
+    from guidedecode.guides import PresencePenalty
+
+    return PresencePenalty(alpha, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def _best_of_n(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, scorer: str = "logprob",
+               max_new_tokens: int = 256):
+    from guidedecode.strategies import BestOfN, MeanLogProbScorer, OracleScorer
+
+    scorers = {"logprob": MeanLogProbScorer, "oracle": OracleScorer}
+    if scorer not in scorers:
+        raise GuidedecodeError(f"unknown scorer '{scorer}': choose one of {', '.join(scorers)}")
+    return BestOfN(n, scorer=scorers[scorer](), temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+                   max_new_tokens=max_new_tokens)
+
+
+def _self_consistency(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 256):
+    from guidedecode.strategies import SelfConsistency
+
+    return SelfConsistency(n, temperature=temperature, top_p=top_p, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+
+
+GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty}
+STRATEGIES: dict[str, Callable] = {"best-of-n": _best_of_n, "self-consistency": _self_consistency}
+
+
+def build_guide(name: str, tokenizer, params: dict[str, str] | None = None):
+    return _build("guide", GUIDES, name, tokenizer, params or {})
+
+
+def build_strategy(name: str, tokenizer, params: dict[str, str] | None = None):
+    return _build("strategy", STRATEGIES, name, tokenizer, params or {})
+
+
+def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``["alpha=1.5", "n=4"]`` -> ``{"alpha": "1.5", "n": "4"}``."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise GuidedecodeError(f"parameter '{item}' is not of the form key=value")
+        params[key.strip().replace("-", "_")] = value.strip()
+    return params
+
+
+def _build(kind: str, table: dict, name: str, tokenizer, params: dict[str, str]):
+    if name not in table:
+        raise GuidedecodeError(f"unknown {kind} '{name}': choose one of {', '.join(sorted(table))}")
+    factory = table[name]
+    signature = inspect.signature(factory)
+    accepted = [p for p in signature.parameters if p != "tokenizer"]
+    kwargs = {}
+    for key, raw in params.items():
+        if key not in signature.parameters or key == "tokenizer":
+            raise GuidedecodeError(f"{kind} '{name}' has no parameter '{key}' (it takes: {', '.join(accepted)})")
+        annotation = signature.parameters[key].annotation
+        convert = {"int": int, "float": float, "str": str}.get(annotation if isinstance(annotation, str)
+                                                               else getattr(annotation, "__name__", "str"), str)
+        try:
+            kwargs[key] = convert(raw)
+        except ValueError:
+            raise GuidedecodeError(f"{kind} '{name}': parameter {key}={raw!r} is not a valid {convert.__name__}") from None
+    return factory(tokenizer, **kwargs)

@@ -1,0 +1,42 @@
+"""Scorers rank candidate completions for selection strategies (best-of-N, beam search).
+
+A scorer is any callable ``scorer(backend, prompt, completions, gold) -> list[float]``, higher is
+better. Two are built in:
+
+* ``OracleScorer(check)``: 1.0 when ``check(completion_text, gold)`` accepts, else 0.0 (needs golds);
+  the oracle-verifier protocol of the FTTT paper's baselines.
+* ``MeanLogProbScorer()``: the policy's own mean token log-prob (1/|c|) sum_t log p(c_t | x, c_<t).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from guidedecode.errors import StrategyError
+
+
+class OracleScorer:
+    """1.0 for completions the checker accepts against the gold answer, 0.0 otherwise."""
+
+    def __init__(self, check: Callable[[str, str], bool] | None = None):
+        self.check = check or math_answer_check
+
+    def __call__(self, backend, prompt, completions, gold):
+        if gold is None:
+            raise StrategyError("OracleScorer needs gold answers: pass golds= to run() or generate()")
+        return [1.0 if self.check(c.text, gold) else 0.0 for c in completions]
+
+
+class MeanLogProbScorer:
+    """Mean per-token log-probability of each completion under the backend's model."""
+
+    def __call__(self, backend, prompt, completions, gold):
+        return [s.mean for s in backend.score(prompt, [c.token_ids for c in completions])]
+
+
+def math_answer_check(text: str, gold: str) -> bool:
+    """Extract the final answer of a math completion and compare it to the gold with math-verify."""
+    from guidedecode.tasks import default_checker, extract_answer
+
+    prediction = extract_answer(text, "math")
+    return prediction is not None and default_checker().verify(gold, prediction)

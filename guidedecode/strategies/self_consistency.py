@@ -1,0 +1,90 @@
+"""Self-consistency (Wang et al., 2023): sample N reasoning paths, majority-vote the final answers.
+
+Answers are grouped into equivalence classes (identical strings, then math-verify equivalence);
+the largest class wins, ties go to the class whose first member was sampled first, and the
+returned completion is that class's first member. Completions without an answer do not vote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from guidedecode.errors import StrategyError
+from guidedecode.strategies.base import StepStrategy, StrategyResult, check_golds
+
+
+def vote(answers: Sequence[str | None], equivalent_many: Callable[[list[tuple[str, str]]], list[bool]] | None = None):
+    """Group answers into equivalence classes: a list of member-index lists, winner first.
+
+    ``equivalent_many(pairs) -> list[bool]`` decides equivalence of distinct strings in one batch.
+    """
+    distinct: dict[str, list[int]] = {}
+    for i, answer in enumerate(answers):
+        if answer is not None:
+            distinct.setdefault(answer.strip(), []).append(i)
+    keys = list(distinct)
+    parent = list(range(len(keys)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    if equivalent_many is not None and len(keys) > 1:
+        pairs = [(a, b) for a in range(len(keys)) for b in range(a + 1, len(keys))]
+        verdicts = equivalent_many([(keys[a], keys[b]) for a, b in pairs])
+        for (a, b), same in zip(pairs, verdicts):
+            if same:
+                parent[root(b)] = root(a)
+    classes: dict[int, list[int]] = {}
+    for k, key in enumerate(keys):
+        classes.setdefault(root(k), []).extend(distinct[key])
+    groups = [sorted(members) for members in classes.values()]
+    return sorted(groups, key=lambda members: (-len(members), members[0]))
+
+
+class SelfConsistency(StepStrategy):
+    """Majority vote over the extracted answers of ``n`` samples."""
+
+    def __init__(self, n: int = 8, *, extract: Callable[[str], str | None] | None = None,
+                 equivalent_many: Callable | None = None, temperature: float = 0.7, top_p: float = 1.0,
+                 stop=None, seed: int | None = None, **options):
+        super().__init__(**options)
+        if n < 1:
+            raise StrategyError(f"SelfConsistency needs n >= 1, got {n}")
+        self.n, self.temperature, self.top_p, self.stop, self.seed = n, temperature, top_p, stop, seed
+        self.extract = extract or _math_extract
+        self.equivalent_many = equivalent_many or _math_equivalent_many
+
+    def run(self, backend, prompts, *, golds=None):
+        check_golds(prompts, golds)
+        samples = backend.sample(prompts, self.n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                 top_p=self.top_p, stop=self.stop, seed=self.seed)
+        results = []
+        for candidates in samples:
+            answers = [self.extract(c.text) for c in candidates]
+            groups = vote(answers, self.equivalent_many)
+            chosen = groups[0][0] if groups else 0
+            counts = [0.0] * len(candidates)
+            for members in groups:
+                for i in members:
+                    counts[i] = float(len(members))
+            results.append(StrategyResult(
+                completion=candidates[chosen], candidates=candidates, scores=counts,
+                trace=[{"answers": answers, "classes": groups, "chosen": chosen}],
+                generated_tokens=sum(c.num_tokens for c in candidates), attempts=len(candidates),
+            ))
+        return results
+
+
+def _math_extract(text: str) -> str | None:
+    from guidedecode.tasks import extract_answer
+
+    return extract_answer(text, "math")
+
+
+def _math_equivalent_many(pairs: list[tuple[str, str]]) -> list[bool]:
+    from guidedecode.tasks import default_checker
+
+    return default_checker().equivalent_many(pairs)

@@ -1,0 +1,128 @@
+"""Eval harness: metrics, resume after an interruption, and one-line CLI errors."""
+
+import json
+import sys
+
+import pytest
+
+from guidedecode import evaluation
+from guidedecode.evaluation import TIMING_FIELDS, EvalConfig, run_eval
+from guidedecode.metrics import majority_correct, mean_ci, pass_at_k
+
+
+def test_pass_at_k_matches_the_combinatorial_definition():
+    from math import comb
+
+    for n, c, k in [(10, 3, 1), (10, 3, 5), (8, 0, 4), (8, 8, 2), (5, 4, 2)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k))
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_majority_and_ci():
+    assert majority_correct(["5", "3", "5", None], [True, False, True, False]) is True
+    assert majority_correct(["3", "5", "5", "3"], [False, True, True, False]) is False  # tie -> earliest ("3")
+    assert majority_correct([None, None], [False, False]) is False
+    stats = mean_ci([1.0, 0.0, 1.0, 1.0])
+    assert stats["mean"] == 0.75 and stats["ci95"] == pytest.approx(1.96 * (0.25 / 4) ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, embedded_tokenizer):
+    from guidedecode.testing import tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-qwen2")
+    model = tiny_model("qwen2", seed=1, vocab_size=len(embedded_tokenizer),
+                       eos_token_id=embedded_tokenizer.eos_token_id, pad_token_id=embedded_tokenizer.pad_token_id)
+    model.save_pretrained(directory)
+    embedded_tokenizer.save_pretrained(directory)
+    return directory
+
+
+def config_for(tiny_dir, **overrides):
+    base = dict(task="synthetic", model=str(tiny_dir), limit=6, samples=2, seed=4, temperature=1.0,
+                max_new_tokens=12, batch_size=4, guide="presence-penalty", params={"alpha": "0.5"})
+    return EvalConfig(**{**base, **overrides})
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_killed_and_resumed_eval_equals_an_uninterrupted_one(tmp_path, tiny_dir, monkeypatch):
+    whole = run_eval(config_for(tiny_dir), tmp_path / "whole", progress=False)
+    assert whole["problems"] == 6 and set(whole) >= {"accuracy", "pass@1", "pass@2", "maj@2", "tokens_generated"}
+
+    real_append = evaluation._append_lines
+    calls = {"n": 0}
+
+    def crash_on_second_chunk(path, records):
+        calls["n"] += 1
+        if calls["n"] == 2:  # die mid-write: a torn line, then the process is gone
+            with open(path, "a") as handle:
+                handle.write(json.dumps(records[0])[:25])
+            raise KeyboardInterrupt
+        real_append(path, records)
+
+    monkeypatch.setattr(evaluation, "_append_lines", crash_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(config_for(tiny_dir), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(evaluation, "_append_lines", real_append)
+    assert len(evaluation.read_results(tmp_path / "resumed" / "results.jsonl")) == 2  # torn line dropped
+
+    resumed = run_eval(config_for(tiny_dir), tmp_path / "resumed", progress=False)
+    strip = lambda s: {k: v for k, v in s.items() if k not in TIMING_FIELDS}  # noqa: E731
+    assert strip(resumed) == strip(whole)
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop_time(lines(tmp_path / "resumed" / "results.jsonl")) == drop_time(lines(tmp_path / "whole" / "results.jsonl"))
+
+
+def test_resuming_with_different_settings_is_refused(tmp_path, tiny_dir):
+    run_eval(config_for(tiny_dir, limit=2), tmp_path / "run", progress=False)
+    with pytest.raises(Exception, match="different settings"):
+        run_eval(config_for(tiny_dir, limit=2, seed=5), tmp_path / "run", progress=False)
+
+
+def test_eval_with_a_strategy(tmp_path, tiny_dir):
+    summary = run_eval(config_for(tiny_dir, guide=None, params={"n": "2", "max_new_tokens": "8"}, samples=1,
+                                  strategy="self-consistency", limit=2), tmp_path / "sc", progress=False)
+    records = lines(tmp_path / "sc" / "results.jsonl")
+    assert summary["problems"] == 2 and all(len(r["completions"]) == 1 for r in records)
+    assert all(r["tokens"][0] > 0 for r in records)  # the strategy's internal samples are counted
+
+
+def run_cli(monkeypatch, capsys, *args):
+    from guidedecode.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["guidedecode", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--task", "nope"], "error: unknown task 'nope'"),
+    (["eval", "--task", "gsm8k", "--data", "/no/such/dir", "--model", "x"], "error: gsm8k: data file not found"),
+    (["eval", "--task", "gsm8k", "--model", "no-such-model", "-n", "1"], "error: unknown model 'no-such-model'"),
+    (["generate", "--prompt", "  "], "error: empty prompt"),
+    (["eval", "--task", "synthetic", "--guide", "nope", "-n", "1"], "error: unknown guide 'nope'"),
+    (["bench", "nope"], "error: unknown benchmark 'nope'"),
+])
+def test_cli_errors_are_one_line(monkeypatch, capsys, tmp_path, args, message):
+    if args[0] != "bench":
+        monkeypatch.chdir(tmp_path)
+    code, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and err.startswith(message) and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_eval_end_to_end(monkeypatch, capsys, tmp_path, tiny_dir):
+    from guidedecode.cli.main import main
+
+    out = tmp_path / "cli-run"
+    monkeypatch.setattr(sys, "argv", ["guidedecode", "eval", "--task", "synthetic", "--model", str(tiny_dir), "-n", "2",
+                                      "--samples", "2", "--max-new-tokens", "8", "--out", str(out), "--quiet"])
+    main()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 2 and summary["samples"] == 2
+    assert json.loads(capsys.readouterr().out)["problems"] == 2
