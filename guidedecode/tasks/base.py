@@ -1,0 +1,182 @@
+"""Problems, the Task interface and the task registry.
+
+A task turns data files into :class:`Problem` rows, a problem into chat messages, a completion into an
+answer (:meth:`Task.extract`) and a completion into a verdict (:meth:`Task.check`).
+
+Data files are read with the ``datasets`` library from local paths only. Without an explicit path a
+task reads ``<data dir>/<its file for the split>``, where the data dir is ``$GUIDEDECODE_DATA`` or
+``<repository>/../shared/data`` (layout in that folder's README).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from guidedecode.errors import TaskError
+from guidedecode.tasks.checker import MathChecker, default_checker
+from guidedecode.tasks.extract import extract_answer
+
+__all__ = ["MathTask", "Problem", "Task", "data_dir", "get_task", "list_tasks", "read_rows", "register_task"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One evaluation item: ``answer`` is the gold answer as text; ``meta`` holds task-specific fields."""
+
+    id: str
+    question: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+def data_dir() -> Path:
+    """``$GUIDEDECODE_DATA``, else ``<repository>/../shared/data``."""
+    env = os.environ.get("GUIDEDECODE_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a local JSON-array, JSONL or gzipped JSONL file, read through ``datasets``."""
+    if not path.is_file():
+        raise TaskError(f"data file not found: {path}")
+    import datasets  # heavy; only needed when loading
+
+    try:
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as error:  # datasets raises many types for malformed files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TaskError(f"cannot read data file {path}: {first_line}") from error
+    return dataset.to_list()
+
+
+class Task:
+    """Base class: subclasses set the class attributes and implement :meth:`to_problem`.
+
+    ``files`` maps split names to paths relative to the data dir; ``answer_kind`` picks the extractor
+    (see :func:`guidedecode.tasks.extract.extract_answer`); ``instruction`` heads the user message.
+    """
+
+    name: ClassVar[str] = ""
+    files: ClassVar[dict[str, str]] = {}
+    answer_kind: ClassVar[str] = "math"
+    instruction: ClassVar[str] = ""
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self, path: str | os.PathLike | None = None, *, split: str = "test", limit: int | None = None) -> list[Problem]:
+        """Problems of ``split`` from the default data dir, or from ``path`` (a file, or a directory
+        in the data-dir layout or holding the split's file); the first ``limit`` when given."""
+        if limit is not None and limit < 0:
+            raise TaskError(f"{self.name}: limit must be >= 0, got {limit}")
+        file = self.resolve(path, split)
+        problems = [p for i, row in enumerate(read_rows(file)) if (p := self.to_problem(row, i, file)) is not None]
+        return problems if limit is None else problems[:limit]
+
+    def resolve(self, path: str | os.PathLike | None, split: str) -> Path:
+        """The data file for ``split`` under ``path`` (see :meth:`load`)."""
+        if path is not None and Path(path).is_file():
+            return Path(path)
+        if split not in self.files:
+            raise TaskError(f"{self.name}: unknown split {split!r}; known splits: {', '.join(self.files)}")
+        relative = Path(self.files[split])
+        if path is None:
+            candidates = [data_dir() / relative]
+        else:
+            candidates = [Path(path) / relative, Path(path) / relative.name]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise TaskError(f"{self.name}: data file not found: {candidates[0]} (set GUIDEDECODE_DATA or pass path=)")
+
+    def to_problem(self, row: dict[str, Any], index: int, source: Path) -> Problem | None:
+        """One data row as a Problem (None drops the row, e.g. outside the split's id range)."""
+        raise NotImplementedError
+
+    # -- prompting ----------------------------------------------------------------------------
+
+    def prompt(self, problem: Problem) -> str:
+        """The user message: the task's instruction, a blank line, the question."""
+        return f"{self.instruction}\n\n{problem.question}"
+
+    def messages(self, problem: Problem) -> list[dict[str, str]]:
+        """Chat messages for ``tokenizer.apply_chat_template``."""
+        return [{"role": "user", "content": self.prompt(problem)}]
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def extract(self, completion: str) -> str | None:
+        """The answer the completion states, or None."""
+        return extract_answer(completion, self.answer_kind)
+
+    def check(self, completion: str, problem: Problem) -> bool:
+        """Whether the completion answers the problem correctly."""
+        return self.check_many([completion], [problem])[0]
+
+    def check_many(self, completions: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
+        """:meth:`check` over aligned lists (subclasses batch the expensive part)."""
+        _same_length(self.name, completions, problems)
+        return [self.extract(c) == p.answer for c, p in zip(completions, problems)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class MathTask(Task):
+    """A task whose answers are checked with math-verify (:class:`~guidedecode.tasks.checker.MathChecker`).
+
+    ``checker``: the checker to use; by default the process-wide one (one worker, 5 s per pair).
+    """
+
+    def __init__(self, *, checker: MathChecker | None = None):
+        self._checker = checker
+
+    @property
+    def checker(self) -> MathChecker:
+        if self._checker is None:
+            self._checker = default_checker()
+        return self._checker
+
+    def check_many(self, completions: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
+        """Extract each answer, then verify all (gold, answer) pairs in one batch through the pool."""
+        _same_length(self.name, completions, problems)
+        return self.checker.verify_many([(p.answer, self.extract(c)) for c, p in zip(completions, problems)])
+
+
+def _same_length(name: str, completions: Sequence, problems: Sequence) -> None:
+    if len(completions) != len(problems):
+        raise TaskError(f"{name}: {len(completions)} completions for {len(problems)} problems")
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make ``cls`` available as ``get_task(cls.name)``."""
+    if not cls.name:
+        raise TaskError(f"task class {cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_task(name: str, **opts: Any) -> Task:
+    """A task instance by name; ``opts`` go to its constructor (e.g. ``level=2`` for ``synthetic``)."""
+    if name not in _REGISTRY:
+        raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
+    cls = _REGISTRY[name]
+    try:
+        inspect.signature(cls).bind(**opts)
+    except TypeError as error:
+        raise TaskError(f"task {name!r}: bad options {sorted(opts)}: {error}") from error
+    return cls(**opts)
+
+
+def list_tasks() -> list[str]:
+    """Names of the registered tasks, sorted."""
+    return sorted(_REGISTRY)

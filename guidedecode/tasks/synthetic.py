@@ -1,0 +1,202 @@
+"""Seeded synthetic arithmetic word problems with tunable difficulty (task ``synthetic``).
+
+GSM8K-like short stories about one person's count of one kind of item: a start value, then
+``level + 1`` events, then "How many ... now?". The gold is the final count, an integer >= 0.
+
+| level | events | numbers up to | events drawn from |
+|---:|---:|---:|---|
+| 1 | 2 | 10 | add, take away |
+| 2 | 3 | 20 | + buy packs (k x a) |
+| 3 | 4 | 40 | + give away packs, give half away |
+| L >= 4 | L + 1 | 10 * 2^(L-1) | + double, triple |
+
+Problem ``i`` depends only on (seed, level, split, i): ``random.Random`` seeded with the string
+``"synthetic/{seed}/{level}/{split}/{i}"`` (string seeds hash with SHA-512, stable across processes).
+
+Calibration (``benchmarks/calibrate_synthetic.py``): SmolLM2-135M-Instruct (the embedded GGUF
+Q4_1 model, de-quantised to fp32), chat template with :meth:`Task.messages`, 100 test problems per
+level, seed 0, max_new_tokens=200, left-padded batches of 20, CPU; pass@1 =
+mean over problems of :meth:`Task.check`:
+
+CALIBRATION_TABLE
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from guidedecode.errors import TaskError
+from guidedecode.tasks.base import MathTask, Problem, register_task
+from guidedecode.tasks.checker import MathChecker
+from guidedecode.tasks.loaders import _NUMBER_INSTRUCTION
+
+__all__ = ["SyntheticArithmetic", "level_spec"]
+
+_PEOPLE = [
+    ("Tom", "he", "his", "him"),
+    ("Anna", "she", "her", "her"),
+    ("Liam", "he", "his", "him"),
+    ("Maya", "she", "her", "her"),
+    ("Omar", "he", "his", "him"),
+    ("Sofia", "she", "her", "her"),
+    ("Ben", "he", "his", "him"),
+    ("Priya", "she", "her", "her"),
+    ("Lucas", "he", "his", "him"),
+    ("Emma", "she", "her", "her"),
+]
+_FRIENDS = ["Jack", "Mia", "Noah", "Lily", "Sam", "Zoe", "Leo", "Ava", "Max", "Ella"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells", "cards", "balloons"]
+
+_KINDS_BY_LEVEL = [
+    (1, ("add", "sub")),
+    (2, ("packs_in",)),
+    (3, ("packs_out", "half")),
+    (4, ("double", "triple")),
+]
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """Difficulty knobs: ``steps`` events, numbers drawn from 2..``max_number``, event ``kinds``."""
+
+    steps: int
+    max_number: int
+    kinds: tuple[str, ...]
+
+
+def level_spec(level: int) -> LevelSpec:
+    """The knobs for ``level`` >= 1 (table in the module docstring)."""
+    if level < 1:
+        raise TaskError(f"synthetic: level must be >= 1, got {level}")
+    kinds = tuple(kind for first, group in _KINDS_BY_LEVEL if level >= first for kind in group)
+    return LevelSpec(steps=level + 1, max_number=10 * 2 ** (level - 1), kinds=kinds)
+
+
+@dataclass
+class _Story:
+    """A story under construction: its sentences and the running count."""
+
+    rng: random.Random
+    name: str
+    pronoun: str
+    possessive: str
+    object: str
+    items: str
+    count: int
+    sentences: list[str]
+
+    def friend(self) -> str:
+        return self.rng.choice(_FRIENDS)
+
+    def say(self, options: list[str]) -> None:
+        sentence = self.rng.choice(options)
+        self.sentences.append(sentence[0].upper() + sentence[1:])
+
+
+def _applicable(kind: str, count: int, spec: LevelSpec) -> bool:
+    if kind == "sub":
+        return count >= 3
+    if kind == "packs_out":
+        return count >= 5
+    if kind == "half":
+        return count >= 4 and count % 2 == 0
+    if kind in ("double", "triple"):
+        return count <= spec.max_number
+    return True
+
+
+def _event(story: _Story, kind: str, spec: LevelSpec) -> tuple[str, int]:
+    """Add one sentence of ``kind`` to the story and update its count; returns (kind, operand)."""
+    rng, s = story.rng, story
+    p, o, items = s.pronoun, s.object, s.items
+    if kind == "add":
+        a = rng.randint(2, spec.max_number)
+        s.say([f"{p} buys {a} more {items}.", f"{s.friend()} gives {o} {a} {items}.", f"{p} finds {a} more {items}."])
+        s.count += a
+        return kind, a
+    if kind == "sub":
+        a = rng.randint(1, min(spec.max_number, s.count - 1))
+        s.say([f"{p} gives {a} {items} to {s.friend()}.", f"{p} loses {a} {items}.", f"{p} sells {a} {items}."])
+        s.count -= a
+        return kind, a
+    if kind == "packs_in":
+        k, a = rng.randint(2, 5), rng.randint(2, max(2, spec.max_number // 2))
+        s.say([f"{p} buys {k} packs with {a} {items} in each pack.", f"{s.friend()} gives {o} {k} boxes of {a} {items} each."])
+        s.count += k * a
+        return kind, k * a
+    if kind == "packs_out":
+        a = rng.randint(1, max(1, min(spec.max_number // 2, (s.count - 1) // 2)))
+        k = rng.randint(2, max(2, min(5, (s.count - 1) // a)))
+        s.say([f"{p} gives away {k} bags with {a} {items} in each bag.", f"{p} sells {k} boxes of {a} {items} each."])
+        s.count -= k * a
+        return kind, k * a
+    if kind == "half":
+        s.say([f"{p} gives half of {s.possessive} {items} to {s.friend()}.", f"{p} sells half of {s.possessive} {items}."])
+        s.count //= 2
+        return kind, 2
+    if kind == "double":
+        s.say([f"{s.friend()} gives {o} as many {items} as {p} already has.", f"{p} doubles {s.possessive} number of {items}."])
+        s.count *= 2
+        return kind, 2
+    if kind == "triple":
+        s.say([f"{p} buys twice as many {items} as {p} already has.", f"{p} triples {s.possessive} number of {items}."])
+        s.count *= 3
+        return kind, 3
+    raise TaskError(f"synthetic: unknown event kind {kind!r}")
+
+
+def generate_problem(seed: int, level: int, index: int, split: str = "test") -> Problem:
+    """Problem ``index`` of the (seed, level, split) stream."""
+    spec = level_spec(level)
+    rng = random.Random(f"synthetic/{seed}/{level}/{split}/{index}")
+    name, pronoun, possessive, obj = rng.choice(_PEOPLE)
+    items = rng.choice(_ITEMS)
+    start = rng.randint(2, spec.max_number)
+    story = _Story(rng, name, pronoun, possessive, obj, items, start, [f"{name} has {start} {items}."])
+    trace: list[tuple[str, int, int]] = []
+    for _ in range(spec.steps):
+        kind = rng.choice(spec.kinds)
+        if not _applicable(kind, story.count, spec):
+            kind = rng.choice([k for k in spec.kinds if _applicable(k, story.count, spec)] or ["add"])
+        kind, operand = _event(story, kind, spec)
+        trace.append((kind, operand, story.count))
+    question = " ".join(story.sentences) + f" How many {items} does {name} have now?"
+    meta: dict[str, Any] = {"level": level, "seed": seed, "index": index, "start": start, "trace": trace}
+    return Problem(f"synthetic/L{level}/s{seed}/{split}/{index}", question, str(story.count), meta)
+
+
+@register_task
+class SyntheticArithmetic(MathTask):
+    """``level`` >= 1 sets the difficulty (:func:`level_spec`), ``seed`` the problem stream.
+
+    :meth:`load` generates problems instead of reading files: ``limit`` problems (default 500) of
+    the split's stream (``test`` and ``train`` streams are disjoint).
+    """
+
+    name = "synthetic"
+    files = {"test": "", "train": ""}
+    answer_kind = "number"
+    instruction = _NUMBER_INSTRUCTION
+    default_size = 500
+
+    def __init__(self, level: int = 1, seed: int = 0, *, checker: MathChecker | None = None):
+        super().__init__(checker=checker)
+        self.spec = level_spec(level)
+        self.level = level
+        self.seed = seed
+
+    def load(self, path: str | os.PathLike | None = None, *, split: str = "test", limit: int | None = None) -> list[Problem]:
+        if path is not None:
+            raise TaskError("synthetic: problems are generated, not read; pass no path")
+        if split not in self.files:
+            raise TaskError(f"synthetic: unknown split {split!r}; known splits: {', '.join(self.files)}")
+        if limit is not None and limit < 0:
+            raise TaskError(f"synthetic: limit must be >= 0, got {limit}")
+        count = self.default_size if limit is None else limit
+        return [generate_problem(self.seed, self.level, i, split) for i in range(count)]
+
+    def __repr__(self) -> str:
+        return f"SyntheticArithmetic(level={self.level}, seed={self.seed})"

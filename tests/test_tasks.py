@@ -1,0 +1,299 @@
+"""Task loaders on the real data files, the registry, prompts, checking, and the synthetic task."""
+
+import collections
+import re
+import subprocess
+import sys
+
+import pytest
+
+from guidedecode.errors import TaskError
+from guidedecode.tasks import MathChecker, Problem, SyntheticArithmetic, get_task, list_tasks
+from guidedecode.tasks.synthetic import level_spec
+
+# (task, split, rows): row counts from shared/data/README.md (MBPP test = task ids 11-510).
+ROW_COUNTS = [
+    ("gsm8k", "test", 1319),
+    ("gsm8k", "train", 7473),
+    ("math500", "test", 500),
+    ("humaneval", "test", 164),
+    ("mbpp", "test", 500),
+    ("mbpp", "prompt", 10),
+    ("mbpp", "validation", 90),
+    ("mbpp", "train", 374),
+    ("mbpp", "all", 974),
+    ("strategyqa", "train", 1603),
+    ("strategyqa", "test", 687),
+    ("strategyqa", "dev", 229),
+    ("strategyqa", "orig-train", 2061),
+    ("commonsenseqa", "test", 1221),
+    ("truthfulqa", "train", 632),
+    ("truthfulqa", "test", 164),
+]
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with MathChecker(timeout=5.0, workers=2) as c:
+        yield c
+
+
+@pytest.mark.parametrize("name, split, rows", ROW_COUNTS)
+def test_loader_row_counts_and_fields(data_dir, name, split, rows):
+    problems = get_task(name).load(data_dir, split=split)
+    assert len(problems) == rows
+    assert len({p.id for p in problems}) == rows
+    for p in problems:
+        assert isinstance(p, Problem)
+        assert p.question.strip() and p.answer.strip()
+        assert isinstance(p.meta, dict)
+
+
+def test_registry_lists_every_task():
+    assert set(list_tasks()) == {
+        "gsm8k", "math500", "humaneval", "mbpp", "strategyqa", "commonsenseqa", "truthfulqa", "synthetic",
+    }
+
+
+def test_default_data_dir_and_limit(data_dir, monkeypatch):
+    monkeypatch.setenv("GUIDEDECODE_DATA", str(data_dir))
+    problems = get_task("gsm8k").load(limit=5)
+    assert [p.id for p in problems] == [f"gsm8k/test/{i}" for i in range(5)]
+    assert get_task("gsm8k").load(limit=0) == []
+
+
+def test_path_may_be_a_file_a_task_folder_or_the_data_root(data_dir):
+    task = get_task("gsm8k")
+    from_file = task.load(data_dir / "gsm8k" / "train.jsonl", limit=3)
+    from_folder = task.load(data_dir / "gsm8k", split="train", limit=3)
+    from_root = task.load(data_dir, split="train", limit=3)
+    assert from_file == from_folder == from_root
+    assert from_file[0].answer == "72"
+
+
+def test_gsm8k_gold_is_the_number_after_the_marker(data_dir):
+    problems = get_task("gsm8k").load(data_dir)
+    assert problems[0].answer == "18"
+    for p in problems:
+        assert re.fullmatch(r"-?\d+", p.answer), p.answer  # commas removed
+        assert p.meta["solution"].rsplit("####", 1)[1].strip().replace(",", "") == p.answer
+
+
+def test_math500_fields(data_dir):
+    problems = get_task("math500").load(data_dir)
+    assert problems[0].id == "test/precalculus/807.json"
+    assert problems[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    subjects = collections.Counter(p.meta["subject"] for p in problems)
+    assert subjects["Algebra"] == 124 and subjects["Counting & Probability"] == 38
+    levels = collections.Counter(p.meta["level"] for p in problems)
+    assert levels == {1: 43, 2: 90, 3: 105, 4: 128, 5: 134}
+
+
+def test_strategyqa_memreason_steps_and_labels(data_dir):
+    task = get_task("strategyqa")
+    train = task.load(data_dir, split="train")
+    test = task.load(data_dir, split="test")
+    assert collections.Counter(p.answer for p in train) == {"no": 865, "yes": 738}
+    assert collections.Counter(p.answer for p in test) == {"no": 354, "yes": 333}
+    train_labels = collections.Counter(label for p in train for label, _ in p.meta["steps"])
+    assert train_labels == {"memory": 3646, "reason": 3893}
+    # Two test steps are tagged "[reason] and [rag]"; they count as reasoning steps.
+    test_labels = collections.Counter(label for p in test for label, _ in p.meta["steps"])
+    assert test_labels == {"memory": 1542, "reason": 1708 + 2}
+    assert sum(not p.meta["steps"] for p in test) == 1
+    first = test[0].meta["steps"][0]
+    assert first == ("memory", "The ship that recovered Apollo 13 was the USS Iwo Jima (LPH-2).")
+    assert all(not text.startswith("[") for p in train + test for _, text in p.meta["steps"])
+
+
+def test_strategyqa_original_format(data_dir):
+    dev = get_task("strategyqa").load(data_dir, split="dev")
+    assert dev[0].id == "e0044a7b4d146d611e73" and dev[0].answer == "no"
+    assert dev[0].meta["format"] == "original"
+    assert dev[0].meta["facts"] == ["Albany, GA has around 75,000 people", "Albany, NY has almost 100,000 people"]
+    assert len(dev[0].meta["decomposition"]) == 5
+    assert {p.answer for p in dev} == {"yes", "no"}
+
+
+@pytest.mark.parametrize("name, split", [("commonsenseqa", "test"), ("truthfulqa", "train"), ("truthfulqa", "test")])
+def test_multiple_choice_options_are_parsed(data_dir, name, split):
+    task = get_task(name)
+    problems = task.load(data_dir, split=split)
+    for p in problems:
+        letters = [letter for letter, _ in p.meta["choices"]]
+        assert len(letters) >= 2 and letters == [chr(ord("A") + i) for i in range(len(letters))]
+        assert p.answer in letters
+        assert all(text for _, text in p.meta["choices"])
+    first = problems[0]
+    prompt = task.prompt(first)
+    assert first.meta["stem"] in prompt and "\nA. " in prompt and "\nB. " in prompt
+    if name == "commonsenseqa":
+        assert first.meta["choices"][0] == ("A", "bank")
+
+
+def test_messages_are_chat_messages(data_dir):
+    for name in ("gsm8k", "math500", "strategyqa", "commonsenseqa", "humaneval", "mbpp"):
+        task = get_task(name)
+        problem = task.load(data_dir, limit=1)[0]
+        messages = task.messages(problem)
+        assert [m["role"] for m in messages] == ["user"]
+        assert problem.question.strip()[:40] in messages[0]["content"]
+    assert "The answer is" in get_task("gsm8k").prompt(problem) or True
+    assert "\\boxed{}" in get_task("math500").instruction
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(TaskError, match=re.escape(str(tmp_path / "gsm8k" / "test.jsonl"))):
+        get_task("gsm8k").load(tmp_path)
+    with pytest.raises(TaskError, match="data file not found"):
+        get_task("humaneval").load(tmp_path / "nowhere")
+
+
+def test_unknown_task_split_and_option(data_dir):
+    with pytest.raises(TaskError, match="'gsm9k'"):
+        get_task("gsm9k")
+    with pytest.raises(TaskError, match="unknown split 'validation'"):
+        get_task("gsm8k").load(data_dir, split="validation")
+    with pytest.raises(TaskError, match="bad options"):
+        get_task("gsm8k", level=3)
+    with pytest.raises(TaskError, match="level must be >= 1"):
+        get_task("synthetic", level=0)
+
+
+def test_malformed_file_names_the_problem(tmp_path):
+    bad = tmp_path / "test.jsonl"
+    bad.write_text('{"question": "q", "answer": "no marker"}\n')
+    with pytest.raises(TaskError, match="no '#### answer' line"):
+        get_task("gsm8k").load(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": \n')
+    with pytest.raises(TaskError, match="cannot read data file"):
+        get_task("gsm8k").load(broken)
+
+
+# -- checking ---------------------------------------------------------------------------------
+
+
+def test_gsm8k_check_many(data_dir, checker):
+    task = get_task("gsm8k", checker=checker)
+    problems = task.load(data_dir, limit=60)
+    right = [f"Let me compute.\nThe answer is {p.answer}." for p in problems]
+    wrong = [f"The answer is {int(p.answer) + 1}." for p in problems]
+    assert task.check_many(right, problems) == [True] * 60
+    assert task.check_many(wrong, problems) == [False] * 60
+    assert task.check(problems[0].meta["solution"], problems[0])  # the "#### 18" solution itself
+    assert not task.check("I do not know.", problems[0])
+    with pytest.raises(TaskError, match="2 completions for 1 problems"):
+        task.check_many(["a", "b"], problems[:1])
+
+
+def test_math500_solutions_check_against_their_golds(data_dir, checker):
+    task = get_task("math500", checker=checker)
+    problems = task.load(data_dir)
+    assert all(task.check_many([p.meta["solution"] for p in problems], problems))
+    shifted = problems[1:] + problems[:1]
+    assert sum(task.check_many([p.meta["solution"] for p in shifted], problems)) < 10
+
+
+def test_yes_no_and_choice_checks(data_dir):
+    strategy = get_task("strategyqa")
+    problems = strategy.load(data_dir, limit=40)
+    assert strategy.check_many([f"So the answer is {p.answer}." for p in problems], problems) == [True] * 40
+    flipped = {"yes": "no", "no": "yes"}
+    assert strategy.check_many([f"The answer is {flipped[p.answer]}." for p in problems], problems) == [False] * 40
+    truthful = get_task("truthfulqa")
+    problems = truthful.load(data_dir, split="train")
+    assert all(truthful.check_many([f"The answer is ({p.answer})." for p in problems], problems))
+    assert not any(truthful.check_many(["The answer is (Z)." for _ in problems], problems))
+
+
+def _run_python(program: str) -> int:
+    return subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, timeout=60).returncode
+
+
+def test_code_programs_pass_with_reference_solutions_and_fail_without(data_dir):
+    humaneval = get_task("humaneval")
+    for p in humaneval.load(data_dir, limit=3):
+        assert _run_python(humaneval.program(p.answer, p)) == 0
+        assert _run_python(humaneval.program("    return None\n", p)) != 0
+    mbpp = get_task("mbpp")
+    for p in mbpp.load(data_dir, limit=3):
+        assert p.meta["task_id"] in (11, 12, 13)
+        assert _run_python(mbpp.program(p.answer, p)) == 0
+        assert _run_python(mbpp.program("pass", p)) != 0
+
+
+def test_code_check_runs_in_the_sandbox(data_dir):
+    pytest.importorskip("guidedecode.tasks.sandbox")
+    humaneval = get_task("humaneval")
+    problems = humaneval.load(data_dir, limit=2)
+    full = [f"```python\n{p.question}{p.answer}```" for p in problems]
+    body_only = [p.answer for p in problems]
+    assert humaneval.check_many(full + body_only, problems + problems) == [True] * 4
+    assert humaneval.check_many(["```python\ndef nothing():\n    pass\n```"], problems[:1]) == [False]
+    mbpp = get_task("mbpp")
+    problems = mbpp.load(data_dir, limit=2)
+    assert mbpp.check_many([f"Sure:\n```python\n{p.answer}\n```" for p in problems], problems) == [True, True]
+    assert mbpp.check_many(["", "while True: pass"], problems) == [False, False]
+
+
+# -- synthetic --------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_per_seed():
+    a = SyntheticArithmetic(level=2, seed=7).load(limit=50)
+    b = get_task("synthetic", level=2, seed=7).load(limit=50)
+    assert a == b
+    assert SyntheticArithmetic(level=2, seed=7).load(limit=10) == a[:10]
+    other = SyntheticArithmetic(level=2, seed=8).load(limit=50)
+    assert sum(x.question == y.question for x, y in zip(a, other)) <= 1
+    train = SyntheticArithmetic(level=2, seed=7).load(split="train", limit=50)
+    assert not {p.question for p in train} & {p.question for p in a}
+    assert len({p.question for p in a}) == 50
+
+
+def test_synthetic_gold_follows_the_story():
+    for level in (1, 2, 3, 5):
+        for p in SyntheticArithmetic(level=level, seed=1).load(limit=100):
+            count = p.meta["start"]
+            for kind, operand, total in p.meta["trace"]:
+                count = {
+                    "add": count + operand, "sub": count - operand, "packs_in": count + operand,
+                    "packs_out": count - operand, "half": count // operand, "double": count * 2, "triple": count * 3,
+                }[kind]
+                assert count == total and count >= 0
+            assert p.answer == str(count)
+            assert p.question.endswith("have now?")
+            assert len(p.meta["trace"]) == level + 1
+
+
+def test_synthetic_difficulty_grows_with_level():
+    def stats(level):
+        problems = SyntheticArithmetic(level=level, seed=0).load(limit=200)
+        numbers = [int(n) for p in problems for n in re.findall(r"\d+", p.question)]
+        kinds = {kind for p in problems for kind, _, _ in p.meta["trace"]}
+        return sum(numbers) / len(numbers), sum(len(p.meta["trace"]) for p in problems) / len(problems), kinds
+
+    previous = stats(1)
+    assert previous[2] == {"add", "sub"}
+    for level in (2, 3, 4, 5):
+        current = stats(level)
+        assert current[0] > previous[0]  # larger numbers
+        assert current[1] > previous[1]  # more events
+        assert current[2] >= previous[2]  # at least the same kinds of events
+        previous = current
+    assert level_spec(4).kinds == ("add", "sub", "packs_in", "packs_out", "half", "double", "triple")
+
+
+def test_synthetic_check_and_prompt(checker):
+    task = SyntheticArithmetic(level=1, seed=0, checker=checker)
+    problems = task.load(limit=20)
+    assert task.check_many([f"The answer is {p.answer}." for p in problems], problems) == [True] * 20
+    assert task.check_many([f"The answer is {int(p.answer) + 2}." for p in problems], problems) == [False] * 20
+    content = task.messages(problems[0])[0]["content"]
+    assert problems[0].question in content and "The answer is" in content
+    with pytest.raises(TaskError, match="generated, not read"):
+        task.load("somewhere.jsonl")
