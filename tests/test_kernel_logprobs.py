@@ -321,24 +321,9 @@ def test_linear_bf16():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from guidedecode.testing import tiny_model
 
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
-    return model.eval().to(DEVICE)
+    return tiny_model("llama", seed=0, vocab_size=1000).to(DEVICE)
 
 
 @needs_kernels
