@@ -1,8 +1,9 @@
 """Calibrate the synthetic arithmetic task against SmolLM2-135M-Instruct.
 
 For each level: generate ``--n`` test problems (``--seed``), prompt the model with the chat template
-and ``SyntheticArithmetic.messages``, decode greedily and by sampling (temperature ``--temperature``,
-top-k and top-p off), and report pass@1 = the fraction of completions ``task.check`` accepts.
+and ``SyntheticArithmetic.messages`` (``--shots`` worked examples, then the problem), decode greedily
+and by sampling (temperature ``--temperature``, top-k and top-p off), and report pass@1 = the
+fraction of completions ``task.check`` accepts.
 
     python benchmarks/calibrate_synthetic.py --levels 1 2 3 --n 100
 
@@ -56,7 +57,8 @@ def complete(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
     }
     outputs = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        chunk = prompts[start : start + batch_size]
+        batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
         generated = model.generate(
             **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
         )
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--n", type=int, default=100, help="problems per level")
     parser.add_argument("--seed", type=int, default=0, help="synthetic task seed (also torch's)")
+    parser.add_argument("--shots", type=int, default=1, help="worked examples before each problem")
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -83,10 +86,11 @@ def main() -> None:
     figures = []
     samples = []
     for level in args.levels:
-        task = SyntheticArithmetic(level=level, seed=args.seed)
+        task = SyntheticArithmetic(level=level, seed=args.seed, shots=args.shots)
         problems = task.load(limit=args.n)
         prompts = [
-            tokenizer.apply_chat_template(task.messages(p), add_generation_prompt=True, tokenize=False) for p in problems
+            tokenizer.apply_chat_template(task.messages(p), add_generation_prompt=True, tokenize=False)
+            for p in problems
         ]
         row = {"level": level, "n": len(problems)}
         for mode, temperature in (("greedy", None), (f"sampled_t{args.temperature}", args.temperature)):
@@ -98,24 +102,31 @@ def main() -> None:
             row[mode] = sum(verdicts) / len(verdicts)
             row[f"{mode}_seconds"] = round(seconds, 1)
             samples += [
-                {"level": level, "mode": mode, "id": p.id, "gold": p.answer, "extracted": task.extract(c), "ok": ok, "completion": c}
+                {"level": level, "mode": mode, "id": p.id, "gold": p.answer, "extracted": task.extract(c),
+                 "ok": ok, "completion": c}
                 for p, c, ok in zip(problems, completions, verdicts)
             ]
-            print(f"level {level} {mode}: pass@1 {row[mode]:.2f} ({sum(verdicts)}/{len(verdicts)}, {seconds:.0f} s)", flush=True)
+            hits = f"{sum(verdicts)}/{len(verdicts)}"
+            print(f"level {level} {mode}: pass@1 {row[mode]:.2f} ({hits}, {seconds:.0f} s)", flush=True)
         figures.append(row)
 
     report = {
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        },
         "settings": {
             "model": f"SmolLM2-135M-Instruct ({GGUF_FILE}, de-quantised fp32)",
             "prompt": "chat template + SyntheticArithmetic.messages",
+            "shots": args.shots,
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
             "padding_side": "left",
             "greedy": {"do_sample": False},
-            "sampled": {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0, "torch_seed": args.seed},
+            "sampled": {
+                "do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0, "torch_seed": args.seed,
+            },
             "task_seed": args.seed,
         },
         "figures": figures,

@@ -4,6 +4,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -92,47 +94,55 @@ def test_pathological_input_is_cut_off_and_the_checker_goes_on():
         assert checker.verify("3", "3")
 
 
-def _when_busy(checker, action):
-    """Run ``action(pid)`` on the worker once it is well into its current chunk."""
-
-    def watch():
-        deadline = time.monotonic() + 60
-        while not checker.worker_pids() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)  # the pool is up and the pathological pair is being worked on
-        for pid in checker.worker_pids():
-            action(pid)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+def _kill_if_still_a_worker(checker, pid):
+    """Test cleanup: kill a worker the checker has not killed (never a reaped, maybe reused pid)."""
+    if pid in checker.worker_pids():
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_worker_killed_mid_call_gives_false_and_the_pool_is_rebuilt():
     with MathChecker(timeout=60.0) as checker:
-        thread = _when_busy(checker, lambda pid: os.kill(pid, signal.SIGKILL))
+        assert checker.verify("1", "1")  # pool up, so the kill below lands inside the next call
+        (pid,) = checker.worker_pids()
+
+        def kill_soon():
+            time.sleep(1.0)  # by now the worker is deep in the pathological pair (up to 60 s)
+            os.kill(pid, signal.SIGKILL)
+
+        thread = threading.Thread(target=kill_soon, daemon=True)
+        thread.start()
+        # Both pairs share the chunk the dead worker held.
         assert checker.verify_many([(PATHOLOGICAL, "5"), ("1", "1")]) == [False, False]
         thread.join()
         assert checker.verify_many([("2", "2"), ("2", "3")]) == [True, False]
-        assert checker.worker_pids()
+        assert checker.worker_pids() and pid not in checker.worker_pids()
 
 
 def test_hung_worker_is_killed_after_the_wall_clock_limit():
-    # A stopped process ignores the per-pair timer, like sympy stuck in C code.
-    with MathChecker(timeout=1.0, slack=3.0) as checker:
-        stopped = []
-
-        def stop(pid):
-            stopped.append(pid)
-            os.kill(pid, signal.SIGSTOP)
-
-        checker.verify("1", "1")  # start the pool first, so the slack covers only the hang
-        thread = _when_busy(checker, stop)
-        verdicts = checker.verify_many([(PATHOLOGICAL, "5")] + [("1", "1")] * 2)
-        thread.join()
-        assert verdicts == [False, False, False]
-        assert stopped and not any(pid in checker.worker_pids() for pid in stopped)
+    # A stopped worker ignores the per-pair timer, like sympy stuck in C code: only the chunk's
+    # wall-clock limit (timeout * pairs + slack = 1 * 2 + 1 s) gets the caller out.
+    with MathChecker(timeout=1.0, slack=1.0) as checker:
         assert checker.verify("1", "1")
+        (pid,) = checker.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert checker.verify_many([("1", "1"), ("2", "2")]) == [False, False]
+        finally:
+            _kill_if_still_a_worker(checker, pid)
+        assert checker.verify_many([("1", "1"), ("2", "2")]) == [True, True]
+        assert pid not in checker.worker_pids()
+
+
+def test_close_does_not_wait_for_a_stopped_worker():
+    checker = MathChecker()
+    assert checker.verify("1", "1")
+    (pid,) = checker.worker_pids()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        checker.close()
+        assert checker.worker_pids() == []
+    finally:
+        _kill_if_still_a_worker(checker, pid)
 
 
 def test_idle_worker_death_is_survived():
@@ -158,3 +168,32 @@ def test_invalid_settings():
         MathChecker(timeout=0)
     with pytest.raises(TaskError, match="workers must be >= 1"):
         MathChecker(workers=0)
+
+
+def test_workers_exit_when_the_caller_is_killed(tmp_path):
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "import os, signal\n"
+        "from guidedecode.tasks import MathChecker\n"
+        "if __name__ == '__main__':\n"
+        "    checker = MathChecker(workers=2)\n"
+        "    assert checker.verify_many([('1', '1'), ('2', '2')]) == [True, True]\n"
+        "    print(*checker.worker_pids(), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no pool shutdown\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -21,7 +21,9 @@ from guidedecode.errors import TaskError
 from guidedecode.tasks.checker import MathChecker, default_checker
 from guidedecode.tasks.extract import extract_answer
 
-__all__ = ["MathTask", "Problem", "Task", "data_dir", "get_task", "list_tasks", "read_rows", "register_task"]
+__all__ = [
+    "MathTask", "Problem", "Task", "check_lengths", "data_dir", "get_task", "list_tasks", "read_rows", "register_task",
+]
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,22 @@ class Task:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def load(self, path: str | os.PathLike | None = None, *, split: str = "test", limit: int | None = None) -> list[Problem]:
+    def load(
+        self, path: str | os.PathLike | None = None, *, split: str = "test", limit: int | None = None
+    ) -> list[Problem]:
         """Problems of ``split`` from the default data dir, or from ``path`` (a file, or a directory
         in the data-dir layout or holding the split's file); the first ``limit`` when given."""
         if limit is not None and limit < 0:
             raise TaskError(f"{self.name}: limit must be >= 0, got {limit}")
         file = self.resolve(path, split)
-        problems = [p for i, row in enumerate(read_rows(file)) if (p := self.to_problem(row, i, file)) is not None]
+        problems = []
+        for index, row in enumerate(read_rows(file)):
+            try:
+                problem = self.to_problem(row, index, file)
+            except KeyError as error:
+                raise TaskError(f"{self.name}: row {index} of {file} has no field {error}") from error
+            if problem is not None:
+                problems.append(problem)
         return problems if limit is None else problems[:limit]
 
     def resolve(self, path: str | os.PathLike | None, split: str) -> Path:
@@ -121,7 +132,7 @@ class Task:
 
     def check_many(self, completions: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
         """:meth:`check` over aligned lists (subclasses batch the expensive part)."""
-        _same_length(self.name, completions, problems)
+        check_lengths(self.name, completions, problems)
         return [self.extract(c) == p.answer for c, p in zip(completions, problems)]
 
     def __repr__(self) -> str:
@@ -145,11 +156,12 @@ class MathTask(Task):
 
     def check_many(self, completions: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
         """Extract each answer, then verify all (gold, answer) pairs in one batch through the pool."""
-        _same_length(self.name, completions, problems)
+        check_lengths(self.name, completions, problems)
         return self.checker.verify_many([(p.answer, self.extract(c)) for c, p in zip(completions, problems)])
 
 
-def _same_length(name: str, completions: Sequence, problems: Sequence) -> None:
+def check_lengths(name: str, completions: Sequence, problems: Sequence) -> None:
+    """Raise TaskError unless there is one completion per problem."""
     if len(completions) != len(problems):
         raise TaskError(f"{name}: {len(completions)} completions for {len(problems)} problems")
 

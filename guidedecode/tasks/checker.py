@@ -19,8 +19,10 @@ import atexit
 import logging
 import math
 import multiprocessing
+import os
 import re
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -57,12 +59,21 @@ def _raise_pair_timeout(signum, frame):
     raise _PairTimeout()
 
 
+def _exit_with_parent() -> None:
+    """Watchdog thread: a worker whose caller was killed (SIGKILL, no clean-up) exits too."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()
+        os._exit(0)
+
+
 def _worker_init() -> None:
     import math_verify  # noqa: F401  (import once per worker, not per chunk)
 
     # The "timeout is disabled" notice is expected: this module times each pair itself.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     signal.signal(signal.SIGALRM, _raise_pair_timeout)
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 def _ping() -> bool:
@@ -95,6 +106,8 @@ def _check_chunk(pairs: list[tuple[str, str]], timeout: float, symmetric: bool) 
 # ---------------------------------------------------------------------------------------------
 # Caller side
 
+_START_TIMEOUT = 60.0  # seconds for a new pool's first round trip (interpreter start, imports)
+
 
 def _pool_context() -> multiprocessing.context.BaseContext:
     """forkserver where available, else spawn: never fork a process that may hold torch threads."""
@@ -107,7 +120,7 @@ class MathChecker:
 
     ``timeout``: seconds per pair (both directions for :meth:`equivalent`); ``workers``: pool size;
     ``chunk_size``: pairs per task sent to a worker; ``slack``: extra wall-clock seconds per chunk
-    (worker start-up, transfer) before a chunk counts as hung. Not thread-safe: one caller at a time.
+    (transfer, scheduling) before a chunk counts as hung. Not thread-safe: one caller at a time.
     """
 
     def __init__(self, timeout: float = 5.0, workers: int = 1, *, chunk_size: int = 64, slack: float = 30.0):
@@ -148,10 +161,17 @@ class MathChecker:
         return [p.pid for p in (getattr(self._pool, "_processes", None) or {}).values() if p.pid is not None]
 
     def close(self) -> None:
-        """Shut the pool down; a later call starts a new one."""
+        """Shut the pool down (a worker still there after 2 s is killed); a later call starts a new one."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(timeout=2)  # idle workers exit at once on the shutdown sentinel
+            if process.is_alive():  # hung or stopped: never let close() block
+                process.kill()
+                process.join(timeout=5)
 
     def __enter__(self) -> MathChecker:
         return self
@@ -166,7 +186,7 @@ class MathChecker:
         if self._pool is None:
             pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_pool_context(), initializer=_worker_init)
             try:
-                pool.submit(_ping).result(timeout=self.slack)
+                pool.submit(_ping).result(timeout=_START_TIMEOUT)
             except BaseException as error:
                 for process in (getattr(pool, "_processes", None) or {}).values():
                     process.kill()
@@ -205,6 +225,13 @@ class MathChecker:
         return [indices[k : k + size] for k in range(0, len(indices), size)]
 
     def _run(self, pairs: Sequence[tuple[str | None, str | None]], symmetric: bool) -> list[bool]:
+        try:
+            return self._run_chunks(pairs, symmetric)
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave chunks running in the pool
+            self._kill_pool()
+            raise
+
+    def _run_chunks(self, pairs: Sequence[tuple[str | None, str | None]], symmetric: bool) -> list[bool]:
         results = [False] * len(pairs)
         todo = [
             i
@@ -226,8 +253,10 @@ class MathChecker:
                 chunk, _ = running.pop(future)
                 try:
                     values = future.result()
-                except BaseException:  # BrokenProcessPool: a worker died; its pairs stay False
+                except BrokenProcessPool:  # a worker died: its pairs stay False
                     broken = True
+                    continue
+                except BaseException:  # the chunk raised in the worker (e.g. a late timer): False
                     continue
                 for i, ok in zip(chunk, values):
                     results[i] = bool(ok)

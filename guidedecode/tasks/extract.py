@@ -159,7 +159,7 @@ def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
 
 
 _YES_NO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
-_YES_NO_ANSWER_RE = re.compile(r"answer\s*(?:is|would\s+be|:)?\s*:?\s*(yes|no|true|false)\b", re.IGNORECASE)
+_YES_NO_ANSWER_RE = re.compile(r"\banswer\s*(?:is|would\s+be|:)?\s*:?\s*(yes|no|true|false)\b", re.IGNORECASE)
 _YES_NO_WORD_RE = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
 
 

@@ -5,10 +5,14 @@
 | ``gsm8k`` | train, test | text after ``####``, commas removed | math-verify |
 | ``math500`` | test | ``answer`` (LaTeX) | math-verify |
 | ``humaneval`` | test | canonical solution | sandbox: prompt + completion, ``test``, ``check(entry_point)`` |
-| ``mbpp`` | test (ids 11-510), prompt (1-10), validation (511-600), train (601-974), all | reference code | sandbox: completion, ``test_setup_code``, asserts |
-| ``strategyqa`` | train, test (memreason re-split); dev, orig-train (eladsegal) | ``"yes"``/``"no"`` | exact match |
+| ``mbpp`` | test, prompt, validation, train, all (1) | reference code | sandbox: completion, setup, asserts |
+| ``strategyqa`` | train, test (memreason); dev, orig-train (eladsegal) (2) | ``"yes"``/``"no"`` | exact match |
 | ``commonsenseqa`` | test | option letter | exact match |
 | ``truthfulqa`` | train, test | option letter | exact match |
+
+(1) by ``task_id``: test 11-510, prompt 1-10, validation 511-600, train 601-974, all 1-974.
+(2) memreason: the 2290 official train questions re-split, with labelled steps; eladsegal: the
+original format, a 90/10 split of the same questions.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from guidedecode.errors import TaskError
-from guidedecode.tasks.base import MathTask, Problem, Task, _same_length, register_task
+from guidedecode.tasks.base import MathTask, Problem, Task, check_lengths, register_task
 from guidedecode.tasks.extract import extract_choice, extract_code, normalize_number
 
 __all__ = [
+    "ChoiceTask",
     "CodeTask",
     "CommonsenseQA",
     "GSM8K",
@@ -38,7 +43,7 @@ __all__ = [
     "split_choices",
 ]
 
-_NUMBER_INSTRUCTION = (
+NUMBER_INSTRUCTION = (
     "Solve the following math problem step by step. "
     "End your response with 'The answer is N.' where N is the final number."
 )
@@ -51,7 +56,7 @@ class GSM8K(MathTask):
     name = "gsm8k"
     files = {"test": "gsm8k/test.jsonl", "train": "gsm8k/train.jsonl"}
     answer_kind = "number"
-    instruction = _NUMBER_INSTRUCTION
+    instruction = NUMBER_INSTRUCTION
 
     def to_problem(self, row: dict[str, Any], index: int, source: Path) -> Problem:
         solution = row["answer"]
@@ -194,8 +199,13 @@ class ChoiceTask(Task):
         lines = "\n".join(f"{letter}. {text}" for letter, text in choices)
         return f"{self.instruction}\n\nQuestion: {problem.meta['stem']}\n{lines}"
 
+    def extract(self, completion: str) -> str | None:
+        """The option letter (A-Z; TruthfulQA questions have up to 13 options)."""
+        return extract_choice(completion, string.ascii_uppercase)
+
     def check_many(self, completions: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
-        _same_length(self.name, completions, problems)
+        """The letter, looked for among the problem's own option letters, equals the gold."""
+        check_lengths(self.name, completions, problems)
         verdicts = []
         for completion, problem in zip(completions, problems):
             letters = "".join(letter for letter, _ in problem.meta.get("choices") or []) or "ABCDE"
@@ -236,7 +246,9 @@ class CodeTask(Task):
 
     answer_kind = "code"
 
-    def __init__(self, *, timeout: float = 10.0, memory_mb: int = 1024, max_output_bytes: int = 65536, workers: int = 1):
+    def __init__(
+        self, *, timeout: float = 10.0, memory_mb: int = 1024, max_output_bytes: int = 65536, workers: int = 1
+    ):
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.max_output_bytes = max_output_bytes
@@ -261,7 +273,7 @@ class CodeTask(Task):
         return result.status == "pass"
 
     def check_many(self, completions: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
-        _same_length(self.name, completions, problems)
+        check_lengths(self.name, completions, problems)
         codes = [extract_code(c) for c in completions]
         if self.workers <= 1:
             return [self.run(code, problem) for code, problem in zip(codes, problems)]
@@ -275,7 +287,9 @@ class HumanEval(CodeTask):
 
     name = "humaneval"
     files = {"test": "humaneval/HumanEval.jsonl.gz"}
-    instruction = "Complete the following Python function. Reply with the whole function in one ```python code block."
+    instruction = (
+        "Complete the following Python function. Reply with the whole function in one ```python code block."
+    )
 
     def to_problem(self, row: dict[str, Any], index: int, source: Path) -> Problem:
         meta = {"entry_point": row["entry_point"], "test": row["test"]}
@@ -309,7 +323,9 @@ class MBPP(CodeTask):
     files = {split: "mbpp/mbpp.jsonl" for split in _MBPP_SPLITS}
     instruction = "Reply with the Python code in one ```python code block."
 
-    def load(self, path: str | os.PathLike | None = None, *, split: str = "test", limit: int | None = None) -> list[Problem]:
+    def load(
+        self, path: str | os.PathLike | None = None, *, split: str = "test", limit: int | None = None
+    ) -> list[Problem]:
         if split not in _MBPP_SPLITS:
             raise TaskError(f"mbpp: unknown split {split!r}; known splits: {', '.join(_MBPP_SPLITS)}")
         ids = _MBPP_SPLITS[split]
