@@ -257,7 +257,8 @@ def guidance_reference(
 # Triton kernels. Written as plain functions and decorated lazily (see _kernels) so that TRITON_INTERPRET is
 # read when the kernels are first used, not when this module is imported: a test (or CI job) that sets the
 # variable after something else imported guidedecode.kernels.guidance still gets interpreted kernels.
-# The one @jit helper they call (_to_out) is bound as a module global by _bind_helpers().
+# The @jit helpers they call (_to_out, _candidate_ids, _tile_offsets) are bound as module globals by
+# _bind_helpers().
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -270,6 +271,38 @@ def _to_out_src(z, OUT_TY: tl.constexpr):
         return tl.where(z == z, r, z).to(tl.bfloat16)
     else:
         return z.to(OUT_TY)
+
+
+def _candidate_ids_src(idx_row, K, V, K_PAD: tl.constexpr, SPARSE: tl.constexpr):
+    """Sparse: the row's candidate ids as a [K_PAD] vector (-1 for padding and out-of-range ids), used only to
+    skip tiles without candidates. Dense: a placeholder (0)."""
+    if SPARSE:
+        kk = tl.arange(0, K_PAD)
+        ids = tl.load(idx_row + kk, mask=kk < K, other=-1).to(tl.int64)
+        return tl.where((ids >= 0) & (ids < V), ids, -1).to(tl.int32)
+    else:
+        return 0
+
+
+def _tile_offsets_src(cols, msk, blk, ids, idx_row, off_row, K, V, BLOCK: tl.constexpr, SPARSE: tl.constexpr):
+    """Offsets of one vocabulary tile, and the mask of its candidate columns (sparse only; dense: all False).
+
+    Dense offsets are loaded; sparse ones are matched by a scalar loop over the K (id, offset) pairs
+    (L1-resident), run only in tiles that hold a candidate (at most K tiles per row). Duplicate ids add up."""
+    hit = cols < 0
+    if SPARSE:
+        o = tl.zeros((BLOCK,), tl.float32)
+        in_blk = (ids >= blk) & (ids < blk + BLOCK)
+        if tl.max(in_blk.to(tl.int32), axis=0) > 0:
+            for k in range(0, K):
+                id_k = tl.load(idx_row + k).to(tl.int64)
+                id_k = tl.where((id_k >= 0) & (id_k < V), id_k, -1).to(tl.int32)
+                eq = cols == id_k
+                o = tl.where(eq, o + tl.load(off_row + k).to(tl.float32), o)
+                hit = hit | eq
+    else:
+        o = tl.load(off_row + cols, mask=msk, other=0.0).to(tl.float32)
+    return o, hit
 
 
 def _stats_kernel_src(
@@ -292,16 +325,9 @@ def _stats_kernel_src(
 
     x_row = x_ptr + row64 * stride_x
     z_row = z_ptr + row64 * stride_z
-    if SPARSE:
-        # Candidate ids as a [K_PAD] vector, used only to skip tiles without candidates; the offsets of a tile
-        # that holds some are matched by a scalar loop over the K (id, offset) pairs (L1-resident).
-        idx_row = idx_ptr + row64 * stride_idx
-        offk_row = off_ptr + row64 * stride_off
-        kk = tl.arange(0, K_PAD)
-        ids = tl.load(idx_row + kk, mask=kk < K, other=-1).to(tl.int64)
-        ids = tl.where((ids >= 0) & (ids < V), ids, -1).to(tl.int32)
-    else:
-        off_row = off_ptr + row64 * stride_off
+    off_row = off_ptr + row64 * stride_off  # dense: [V] offsets; sparse: the K candidate offsets
+    idx_row = idx_ptr + row64 * stride_idx
+    ids = _candidate_ids(idx_row, K, V, K_PAD, SPARSE)
 
     m_p = tl.full((), NEG_INF, tl.float32)
     s_p = tl.zeros((), tl.float32)
@@ -312,24 +338,9 @@ def _stats_kernel_src(
         cols = blk + tl.arange(0, BLOCK)
         msk = cols < end
         x = tl.load(x_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
-        if SPARSE:
-            # Candidate offsets: matched only in tiles that hold a candidate (at most K tiles per row).
-            in_blk = (ids >= blk) & (ids < blk + BLOCK)
-            if tl.max(in_blk.to(tl.int32), axis=0) > 0:
-                o = tl.zeros((BLOCK,), tl.float32)
-                hit = cols < 0
-                for k in range(0, K):
-                    id_k = tl.load(idx_row + k).to(tl.int64)
-                    id_k = tl.where((id_k >= 0) & (id_k < V), id_k, -1).to(tl.int32)
-                    eq = cols == id_k
-                    o = tl.where(eq, o + tl.load(offk_row + k).to(tl.float32), o)
-                    hit = hit | eq
-                if WRITE == 2:
-                    tl.store(z_row + cols, _to_out(x + o, z_ptr.dtype.element_ty), mask=msk & hit)
-            else:
-                o = tl.zeros((BLOCK,), tl.float32)
-        else:
-            o = tl.load(off_row + cols, mask=msk, other=0.0).to(tl.float32)
+        o, hit = _tile_offsets(cols, msk, blk, ids, idx_row, off_row, K, V, BLOCK, SPARSE)
+        if SPARSE and WRITE == 2:
+            tl.store(z_row + cols, _to_out(x + o, z_ptr.dtype.element_ty), mask=msk & hit)
         z = x + o
         if WRITE == 1:
             tl.store(z_row + cols, _to_out(z, z_ptr.dtype.element_ty), mask=msk)
@@ -426,16 +437,9 @@ def _top_p_kernel_src(
 
     x_row = x_ptr + row64 * stride_x
     z_row = z_ptr + row64 * stride_z
-    if SPARSE:
-        # Candidate ids as a [K_PAD] vector, used only to skip tiles without candidates; the offsets of a tile
-        # that holds some are matched by a scalar loop over the K (id, offset) pairs (L1-resident).
-        idx_row = idx_ptr + row64 * stride_idx
-        offk_row = off_ptr + row64 * stride_off
-        kk = tl.arange(0, K_PAD)
-        ids = tl.load(idx_row + kk, mask=kk < K, other=-1).to(tl.int64)
-        ids = tl.where((ids >= 0) & (ids < V), ids, -1).to(tl.int32)
-    else:
-        off_row = off_ptr + row64 * stride_off
+    off_row = off_ptr + row64 * stride_off  # dense: [V] offsets; sparse: the K candidate offsets
+    idx_row = idx_ptr + row64 * stride_idx
+    ids = _candidate_ids(idx_row, K, V, K_PAD, SPARSE)
 
     # Search range in key space. Mass below `bound` is < V * (1-p)/(e*V) < 1-p, so the answer is >= bound.
     p_c = tl.minimum(p, 0.999999)
@@ -458,18 +462,7 @@ def _top_p_kernel_src(
             cols = blk + tl.arange(0, BLOCK)
             msk = cols < V
             x = tl.load(x_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
-            if SPARSE:
-                in_blk = (ids >= blk) & (ids < blk + BLOCK)
-                if tl.max(in_blk.to(tl.int32), axis=0) > 0:
-                    o = tl.zeros((BLOCK,), tl.float32)
-                    for k in range(0, K):
-                        id_k = tl.load(idx_row + k).to(tl.int64)
-                        id_k = tl.where((id_k >= 0) & (id_k < V), id_k, -1).to(tl.int32)
-                        o = tl.where(cols == id_k, o + tl.load(offk_row + k).to(tl.float32), o)
-                else:
-                    o = tl.zeros((BLOCK,), tl.float32)
-            else:
-                o = tl.load(off_row + cols, mask=msk, other=0.0).to(tl.float32)
+            o, _ = _tile_offsets(cols, msk, blk, ids, idx_row, off_row, K, V, BLOCK, SPARSE)
             yq = tl.math.div_rn(x + o, T)
             bits = yq.to(tl.int32, bitcast=True)
             key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
@@ -492,23 +485,9 @@ def _top_p_kernel_src(
         cols = blk + tl.arange(0, BLOCK)
         msk = cols < V
         x = tl.load(x_row + cols, mask=msk, other=NEG_INF).to(tl.float32)
-        if SPARSE:
-            in_blk = (ids >= blk) & (ids < blk + BLOCK)
-            if tl.max(in_blk.to(tl.int32), axis=0) > 0:
-                o = tl.zeros((BLOCK,), tl.float32)
-                hit = cols < 0
-                for k in range(0, K):
-                    id_k = tl.load(idx_row + k).to(tl.int64)
-                    id_k = tl.where((id_k >= 0) & (id_k < V), id_k, -1).to(tl.int32)
-                    eq = cols == id_k
-                    o = tl.where(eq, o + tl.load(offk_row + k).to(tl.float32), o)
-                    hit = hit | eq
-                if WRITE == 2:
-                    tl.store(z_row + cols, _to_out(x + o, z_ptr.dtype.element_ty), mask=msk & hit)
-            else:
-                o = tl.zeros((BLOCK,), tl.float32)
-        else:
-            o = tl.load(off_row + cols, mask=msk, other=0.0).to(tl.float32)
+        o, hit = _tile_offsets(cols, msk, blk, ids, idx_row, off_row, K, V, BLOCK, SPARSE)
+        if SPARSE and WRITE == 2:
+            tl.store(z_row + cols, _to_out(x + o, z_ptr.dtype.element_ty), mask=msk & hit)
         z = x + o
         if WRITE == 1:
             tl.store(z_row + cols, _to_out(z, z_ptr.dtype.element_ty), mask=msk)
@@ -574,14 +553,16 @@ def triton_stdlib_interpreted() -> bool:
 
 
 def _bind_helpers():
-    """Bind the @jit helper called by the kernels (module global `_to_out`) for the current mode."""
-    global _to_out
+    """Bind the @jit helpers called by the kernels (module globals) for the current mode."""
+    global _to_out, _candidate_ids, _tile_offsets
     want = "InterpretedFunction" if interpreter_enabled() else "JITFunction"
     if type(_to_out).__name__ != want:
         _to_out = triton.jit(_to_out_src)
+        _candidate_ids = triton.jit(_candidate_ids_src)
+        _tile_offsets = triton.jit(_tile_offsets_src)
 
 
-_to_out = None
+_to_out = _candidate_ids = _tile_offsets = None
 
 
 def _kernels() -> dict:
