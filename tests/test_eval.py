@@ -110,8 +110,12 @@ def run_cli(monkeypatch, capsys, *args):
     (["bench", "nope"], "error: unknown benchmark 'nope'"),
 ])
 def test_cli_errors_are_one_line(monkeypatch, capsys, tmp_path, args, message):
+    import datasets
+
     if args[0] != "bench":
         monkeypatch.chdir(tmp_path)
+    # A cold datasets cache (as on a fresh CI machine) must not add progress output either.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     code, err = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and err.startswith(message) and "\n" not in err and "Traceback" not in err
 

@@ -50,11 +50,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         raise TaskError(f"data file not found: {path}")
     import datasets  # heavy; only needed when loading
 
+    # Local files are small: the "Generating train split" bar is noise (and would land on stderr
+    # in front of one-line CLI errors on a cold cache), so it is switched off while reading.
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         dataset = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as error:  # datasets raises many types for malformed files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TaskError(f"cannot read data file {path}: {first_line}") from error
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     return dataset.to_list()
 
 
