@@ -24,6 +24,10 @@ from guidedecode.errors import GuidedecodeError
 from guidedecode.metrics import majority_correct, mean_ci, pass_at_k
 
 TIMING_FIELDS = ("seconds", "tokens_per_second")
+# Per-sequence figures a guide may attach to its completions (``Completion.info``); recorded per
+# sample and summarised as a mean over problems with a 95% CI. Q#: KL(guided || reference) summed
+# over the generated tokens, before top-p ("kl") and of the sampled, post-top-p policy ("kl_sample").
+GUIDE_FIGURES = ("kl", "kl_sample")
 
 
 @dataclass
@@ -78,8 +82,9 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
         from guidedecode.models import load_model
 
         model, tokenizer = load_model(config.model)
-    guide = build_guide(config.guide, tokenizer, config.params) if config.guide else None
-    strategy = build_strategy(config.strategy, tokenizer, config.params) if config.strategy else None
+    context = {"temperature": config.temperature, "top_p": config.top_p, "model": model, "task": task}
+    guide = build_guide(config.guide, tokenizer, config.params, context=context) if config.guide else None
+    strategy = build_strategy(config.strategy, tokenizer, config.params, context=context) if config.strategy else None
     if strategy is not None and hasattr(strategy, "extract"):
         strategy.extract = task.extract  # vote over the task's own answer format
     backend = HFBackend(model, tokenizer, batch_size=config.batch_size, logits_processor=[guide] if guide else None)
@@ -106,6 +111,7 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
 def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) -> list[dict]:
     prompts = [backend.chat_prompt(task.messages(p)) for p in chunk]
     started = time.perf_counter()
+    infos = None
     if strategy is not None:
         texts, tokens = [[] for _ in chunk], [[] for _ in chunk]
         for k in range(config.samples):
@@ -121,11 +127,12 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
                                  temperature=config.temperature, top_p=config.top_p, seed=seed)
         texts = [[c.text for c in row] for row in samples]
         tokens = [[c.num_tokens for c in row] for row in samples]
+        infos = [[c.info for c in row] for row in samples]
     seconds = (time.perf_counter() - started) / len(chunk)
     flat_texts = [t for row in texts for t in row]
     flat_problems = [p for p, row in zip(chunk, texts) for _ in row]
     verdicts = iter(task.check_many(flat_texts, flat_problems))
-    return [
+    records = [
         {
             "id": problem.id,
             "gold": problem.answer,
@@ -137,6 +144,11 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
         }
         for problem, row, row_tokens in zip(chunk, texts, tokens)
     ]
+    for key in GUIDE_FIGURES:  # per-sample figures a guide reports (e.g. Q#'s KL), where present
+        if infos and all(key in info for row in infos for info in row):
+            for record, row in zip(records, infos):
+                record[key] = [float(info[key]) for info in row]
+    return records
 
 
 def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
@@ -163,6 +175,9 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
     for kk in sorted({1, 2, 4, 8, 16, 32, k} & set(range(1, k + 1))):
         summary[f"pass@{kk}"] = mean_ci([pass_at_k(len(r["correct"]), sum(r["correct"]), kk) for r in rows])
     summary[f"maj@{k}"] = mean_ci([float(majority_correct(r["answers"], r["correct"])) for r in rows])
+    for key in GUIDE_FIGURES:
+        if rows and all(key in r for r in rows):
+            summary[key] = mean_ci([sum(r[key]) / len(r[key]) for r in rows])
     seconds = sum(r["seconds"] for r in rows)
     summary["seconds"] = seconds
     summary["tokens_per_second"] = summary["tokens_generated"] / seconds if seconds > 0 else None

@@ -40,12 +40,15 @@ GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty}
 STRATEGIES: dict[str, Callable] = {"best-of-n": _best_of_n, "self-consistency": _self_consistency}
 
 
-def build_guide(name: str, tokenizer, params: dict[str, str] | None = None):
-    return _build("guide", GUIDES, name, tokenizer, params or {})
+def build_guide(name: str, tokenizer, params: dict[str, str] | None = None, *, context: dict | None = None):
+    """A guide by name. ``context`` holds run settings (temperature, top_p, device, model) that a factory
+    receives when it declares a parameter of that name and the user did not set it in ``params``."""
+    return _build("guide", GUIDES, name, tokenizer, params or {}, context or {})
 
 
-def build_strategy(name: str, tokenizer, params: dict[str, str] | None = None):
-    return _build("strategy", STRATEGIES, name, tokenizer, params or {})
+def build_strategy(name: str, tokenizer, params: dict[str, str] | None = None, *, context: dict | None = None):
+    """A strategy by name; ``context`` as in :func:`build_guide`."""
+    return _build("strategy", STRATEGIES, name, tokenizer, params or {}, context or {})
 
 
 def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -59,7 +62,7 @@ def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     return params
 
 
-def _build(kind: str, table: dict, name: str, tokenizer, params: dict[str, str]):
+def _build(kind: str, table: dict, name: str, tokenizer, params: dict[str, str], context: dict):
     if name not in table:
         raise GuidedecodeError(f"unknown {kind} '{name}': choose one of {', '.join(sorted(table))}")
     factory = table[name]
@@ -76,4 +79,7 @@ def _build(kind: str, table: dict, name: str, tokenizer, params: dict[str, str])
             kwargs[key] = convert(raw)
         except ValueError:
             raise GuidedecodeError(f"{kind} '{name}': parameter {key}={raw!r} is not a valid {convert.__name__}") from None
+    for key, value in context.items():
+        if key in signature.parameters and key not in kwargs:
+            kwargs[key] = value
     return factory(tokenizer, **kwargs)

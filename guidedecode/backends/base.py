@@ -29,6 +29,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (a stop string), "eos", or "length"
+    info: dict = field(default_factory=dict)  # per-sequence figures from the guides, e.g. {"kl": 0.8}
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,127 @@
+"""Evidence runs: one task, several methods, the same seeds, one table with 95% confidence intervals.
+
+Each method is an ordinary ``guidedecode eval`` run (same task, problems, samples, temperature,
+top-p, max new tokens and seed), written to ``<out>/<label>/`` (config.json, results.jsonl,
+summary.json), so an interrupted suite resumes where it stopped. The table (accuracy = mean
+pass@1, maj@k, pass@k, KL where the method reports it, tokens/s) is written by
+:func:`guidedecode.bench.write_result` as ``benchmarks/results/evidence-<suite>-<task>-<device>.json``
+with a PNG of the accuracies.
+
+    python benchmarks/evidence.py qsharp --task synthetic --limit 60 --samples 4 \\
+        --param value_model=runs/qsharp-synthetic/model
+    python benchmarks/evidence.py strategies --task gsm8k --limit 30
+
+Suites (methods are registry names; see guidedecode/registry.py):
+
+* ``qsharp``: unguided sampling, Q# at ``--etas``, CD at the first eta (the same value model).
+* ``strategies``: greedy, self-consistency@k, best-of-k with the oracle, step beam search,
+  RATIONALYST ``random`` and ``implicit`` (``--rationale-model`` for a trained rationale model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from guidedecode.bench import results_dir, write_result
+from guidedecode.evaluation import EvalConfig, run_eval
+
+
+def qsharp_suite(args) -> list[tuple[str, dict]]:
+    value_model = {"value_model": args.value_model}
+    runs = [("unguided", {})]
+    for eta in args.etas:
+        runs.append((f"qsharp-eta{eta:g}", {"guide": "qsharp", "params": {**value_model, "eta": str(eta)}}))
+    runs.append((f"cd-eta{args.etas[0]:g}", {"guide": "qsharp",
+                                             "params": {**value_model, "eta": str(args.etas[0]), "mode": "cd"}}))
+    return runs
+
+
+def strategies_suite(args) -> list[tuple[str, dict]]:
+    k = str(args.budget)
+    runs = [
+        ("greedy", {"temperature": 0.0, "samples": 1}),
+        (f"self-consistency@{k}", {"strategy": "self-consistency", "samples": 1, "params": {"n": k}}),
+        (f"best-of-{k}-oracle", {"strategy": "best-of-n", "samples": 1, "params": {"n": k, "scorer": "oracle"}}),
+        ("beam-search", {"strategy": "beam-search", "samples": 1, "params": {}}),
+        ("rationalyst-random", {"strategy": "rationalyst", "samples": 1, "params": {"mode": "random"}}),
+        ("rationalyst-implicit", {"strategy": "rationalyst", "samples": 1, "params": {"mode": "implicit"}}),
+    ]
+    if args.rationale_model:
+        runs.append(("rationalyst-implicit-trained", {"strategy": "rationalyst", "samples": 1,
+                                                      "params": {"mode": "implicit",
+                                                                 "rationale_model": args.rationale_model}}))
+    return runs
+
+
+SUITES = {"qsharp": qsharp_suite, "strategies": strategies_suite}
+
+
+def table_row(label: str, summary: dict) -> dict:
+    row = {"method": label, "problems": summary["problems"], "samples": summary["samples"],
+           "accuracy": summary["accuracy"], "tokens_generated": summary["tokens_generated"],
+           "tokens_per_second": summary["tokens_per_second"]}
+    for key, value in summary.items():
+        if key.startswith(("pass@", "maj@", "kl", "solved@")):
+            row[key] = value
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--task", default="synthetic")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--samples", type=int, default=4, help="samples per problem for sampled methods")
+    parser.add_argument("--budget", type=int, default=8, help="N / attempts of the step strategies")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=47)
+    parser.add_argument("--value-model", default=None, help="qsharp suite: ValueModel directory")
+    parser.add_argument("--etas", type=float, nargs="+", default=[1.0, 10.0], help="qsharp suite: guidance strengths")
+    parser.add_argument("--rationale-model", default=None, help="strategies suite: trained rationale model directory")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these method labels")
+    parser.add_argument("--out", default=None, help="run directories (default benchmarks/results/evidence/<suite>-<task>)")
+    args = parser.parse_args()
+    if args.suite == "qsharp" and not args.value_model:
+        parser.error("the qsharp suite needs --value-model")
+
+    from guidedecode.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    out_root = Path(args.out or results_dir() / "evidence" / f"{args.suite}-{args.task}")
+    rows = []
+    for label, overrides in SUITES[args.suite](args):
+        if args.only and label not in args.only:
+            continue
+        settings = dict(task=args.task, model=args.model, data=args.data, limit=args.limit, samples=args.samples,
+                        seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        settings.update(overrides)
+        print(f"== {label}", flush=True)
+        summary = run_eval(EvalConfig(**settings), out_root / label, model=model, tokenizer=tokenizer)
+        rows.append(table_row(label, summary))
+        print(json.dumps(rows[-1]), flush=True)
+
+    def plot(ax):
+        means = [r["accuracy"]["mean"] for r in rows]
+        errors = [r["accuracy"]["ci95"] for r in rows]
+        ax.bar(range(len(rows)), means, yerr=errors, capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
+        ax.set_ylabel(f"accuracy (mean pass@1, 95% CI) on {args.task}")
+
+    name = f"evidence-{args.suite}-{args.task}" + ("-" + "-".join(args.only) if args.only else "")
+    path = write_result(name, {"suite": args.suite, "task": args.task, "model": args.model, "limit": args.limit,
+                               "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
+                               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "rows": rows,
+                               "run_dirs": str(out_root)}, plot=plot)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

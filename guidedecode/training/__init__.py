@@ -1,0 +1,1 @@
+"""Training utilities for the scorers (``guidedecode train ...``): one module per method."""
