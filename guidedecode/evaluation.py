@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from guidedecode.errors import GuidedecodeError
-from guidedecode.metrics import majority_correct, mean_ci, pass_at_k
+from guidedecode.metrics import majority_correct, mean_ci, pass_at_k, solved_at_ks, trial_histogram, trial_index
 
 TIMING_FIELDS = ("seconds", "tokens_per_second")
 # Per-sequence figures a guide may attach to its completions (``Completion.info``); recorded per
@@ -82,8 +82,11 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
         from guidedecode.models import load_model
 
         model, tokenizer = load_model(config.model)
-    context = {"temperature": config.temperature, "top_p": config.top_p, "model": model, "task": task}
-    guide = build_guide(config.guide, tokenizer, config.params, context=context) if config.guide else None
+    # A guide learns the sampling settings (Q#'s KL accounting needs them); a strategy keeps its own
+    # (e.g. Revision is greedy) unless they are given as parameters.
+    context = {"model": model, "task": task}
+    sampling = {"temperature": config.temperature, "top_p": config.top_p}
+    guide = build_guide(config.guide, tokenizer, config.params, context={**context, **sampling}) if config.guide else None
     strategy = build_strategy(config.strategy, tokenizer, config.params, context=context) if config.strategy else None
     if strategy is not None and hasattr(strategy, "extract"):
         strategy.extract = task.extract  # vote over the task's own answer format
@@ -109,16 +112,25 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
 
 
 def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) -> list[dict]:
-    prompts = [backend.chat_prompt(task.messages(p)) for p in chunk]
+    if getattr(strategy, "takes_messages", False):
+        prompts = [task.messages(p) for p in chunk]  # strategies that extend the chat themselves
+    else:
+        prompts = [backend.chat_prompt(task.messages(p)) for p in chunk]
     started = time.perf_counter()
-    infos = None
+    infos, trials = None, None
     if strategy is not None:
         texts, tokens = [[] for _ in chunk], [[] for _ in chunk]
+        attempts, trials = [[] for _ in chunk], [[] for _ in chunk]
+        if getattr(strategy, "oracle", False):
+            by_gold = {p.answer: p for p in chunk}
+            strategy.check = lambda text, gold: task.check(text, by_gold[gold])  # the oracle-stop protocol
         for k in range(config.samples):
             strategy.seed = seed * 101 + k
             for i, result in enumerate(strategy.run(backend, prompts, golds=[p.answer for p in chunk])):
                 texts[i].append(result.completion.text)
                 tokens[i].append(result.generated_tokens)
+                attempts[i].append(result.attempts)
+                trials[i].append(trial_index(result) if getattr(strategy, "oracle", False) else None)
     elif config.temperature == 0:
         completions = backend.greedy(prompts, max_new_tokens=config.max_new_tokens)
         texts, tokens = [[c.text] for c in completions], [[c.num_tokens] for c in completions]
@@ -144,11 +156,26 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
         }
         for problem, row, row_tokens in zip(chunk, texts, tokens)
     ]
+    if trials is not None:
+        for record, row_attempts, row_trials in zip(records, attempts, trials):
+            record["attempts"] = row_attempts
+            record["budget"] = attempt_budget(strategy)
+            if any(t is not None for t in row_trials) or getattr(strategy, "oracle", False):
+                record["trials"] = row_trials  # 1-based attempt of the first correct answer (oracle stop)
     for key in GUIDE_FIGURES:  # per-sample figures a guide reports (e.g. Q#'s KL), where present
         if infos and all(key in info for row in infos for info in row):
             for record, row in zip(records, infos):
                 record[key] = [float(info[key]) for info in row]
     return records
+
+
+def attempt_budget(strategy) -> int | None:
+    """The most attempts per problem a strategy may make (its ``n``, ``k`` or beam ``width``)."""
+    for name in ("n", "k", "width"):
+        value = getattr(strategy, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
@@ -178,6 +205,13 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
     for key in GUIDE_FIGURES:
         if rows and all(key in r for r in rows):
             summary[key] = mean_ci([sum(r[key]) / len(r[key]) for r in rows])
+    if rows and all("trials" in r for r in rows):  # oracle-stop strategies: solved@k and the trial histogram
+        trials = [t for r in rows for t in r["trials"]]
+        budget = max(r.get("budget") or max(r["attempts"]) for r in rows)
+        summary["trial_histogram"] = trial_histogram(trials, budget)
+        summary.update(solved_at_ks(trials, budget))
+    if rows and all("attempts" in r for r in rows):
+        summary["attempts_mean"] = sum(sum(r["attempts"]) for r in rows) / sum(len(r["attempts"]) for r in rows)
     seconds = sum(r["seconds"] for r in rows)
     summary["seconds"] = seconds
     summary["tokens_per_second"] = summary["tokens_generated"] / seconds if seconds > 0 else None

@@ -20,24 +20,94 @@ def _presence_penalty(tokenizer, alpha: float = 1.0):
 
 
 def _best_of_n(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, scorer: str = "logprob",
-               max_new_tokens: int = 256):
+               oracle: int = 0, max_new_tokens: int = 256):
     from guidedecode.strategies import BestOfN, MeanLogProbScorer, OracleScorer
 
     scorers = {"logprob": MeanLogProbScorer, "oracle": OracleScorer}
     if scorer not in scorers:
         raise GuidedecodeError(f"unknown scorer '{scorer}': choose one of {', '.join(scorers)}")
-    return BestOfN(n, scorer=scorers[scorer](), temperature=temperature, top_p=top_p, tokenizer=tokenizer,
-                   max_new_tokens=max_new_tokens)
+    return _with_oracle(BestOfN(n, scorer=scorers[scorer](), temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+                                max_new_tokens=max_new_tokens), oracle)
 
 
-def _self_consistency(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 256):
+def _self_consistency(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, oracle: int = 0,
+                      max_new_tokens: int = 256):
     from guidedecode.strategies import SelfConsistency
 
-    return SelfConsistency(n, temperature=temperature, top_p=top_p, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+    return _with_oracle(SelfConsistency(n, temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+                                        max_new_tokens=max_new_tokens), oracle)
+
+
+def _beam_search(tokenizer, width: int = 4, expansions: int = 4, step_stop: str = "\n", max_steps: int = 16,
+                 max_step_tokens: int = 64, temperature: float = 0.7, top_p: float = 1.0, oracle: int = 0,
+                 max_new_tokens: int = 256):
+    from guidedecode.strategies import BeamSearch
+
+    return _with_oracle(BeamSearch(width, expansions, step_stop=_unescape(step_stop), max_steps=max_steps,
+                                   max_step_tokens=max_step_tokens, temperature=temperature, top_p=top_p,
+                                   tokenizer=tokenizer, max_new_tokens=max_new_tokens), oracle)
+
+
+def _token_beam(tokenizer, width: int = 8, oracle: int = 0, max_new_tokens: int = 256):
+    from guidedecode.strategies import TokenBeamSearch
+
+    return _with_oracle(TokenBeamSearch(width, tokenizer=tokenizer, max_new_tokens=max_new_tokens), oracle)
+
+
+def _revision(tokenizer, k: int = 4, temperature: float = 0.0, oracle: int = 0, max_new_tokens: int = 256):
+    from guidedecode.strategies import Revision
+
+    return _with_oracle(Revision(k, temperature=temperature, tokenizer=tokenizer, max_new_tokens=max_new_tokens),
+                        oracle)
+
+
+def _self_refine(tokenizer, k: int = 4, temperature: float = 0.6, top_p: float = 0.95, oracle: int = 0,
+                 max_new_tokens: int = 256):
+    from guidedecode.strategies import SelfRefine
+
+    return _with_oracle(SelfRefine(k, temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+                                   max_new_tokens=max_new_tokens), oracle)
+
+
+def _rationalyst(tokenizer, k: int = 3, mode: str = "implicit", score_fn: str = "mean", gamma: float = 0.9,
+                 temperature: float = 0.7, step_boundary: str = "\\n", max_steps: int = 15, max_step_tokens: int = 96,
+                 max_rationale_tokens: int = 48, rationale_model: str = "", max_new_tokens: int = 512):
+    """``rationale_model``: a trained rationale model (directory or embedded name); default: the policy itself."""
+    from guidedecode.strategies import RationaleStepSearch
+
+    rationale_backend = None
+    if rationale_model:
+        from guidedecode.backends import HFBackend
+        from guidedecode.models import load_model
+
+        rationale_backend = HFBackend(*load_model(rationale_model))
+    return RationaleStepSearch(k, mode=mode, score_fn=score_fn, gamma=gamma, temperature=temperature,
+                               step_boundary=_unescape(step_boundary), max_steps=max_steps,
+                               max_step_tokens=max_step_tokens, max_rationale_tokens=max_rationale_tokens,
+                               rationale_backend=rationale_backend, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+
+
+def _with_oracle(strategy, oracle: int):
+    """``oracle=1``: the eval harness gives the strategy the task's checker (oracle stop, solved@k)."""
+    strategy.oracle = bool(oracle)
+    return strategy
+
+
+def _unescape(text: str) -> str:
+    """Command-line spelling of step separators: ``\\n`` -> newline."""
+    return text.encode().decode("unicode_escape")
 
 
 GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty}
-STRATEGIES: dict[str, Callable] = {"best-of-n": _best_of_n, "self-consistency": _self_consistency}
+STRATEGIES: dict[str, Callable] = {
+    "best-of-n": _best_of_n,
+    "self-consistency": _self_consistency,
+    "beam-search": _beam_search,
+    "token-beam": _token_beam,
+    "revision": _revision,
+    "self-refine": _self_refine,
+    "rationalyst": _rationalyst,
+}
 
 
 def build_guide(name: str, tokenizer, params: dict[str, str] | None = None, *, context: dict | None = None):

@@ -130,3 +130,35 @@ def test_cli_eval_end_to_end(monkeypatch, capsys, tmp_path, tiny_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["problems"] == 2 and summary["samples"] == 2
     assert json.loads(capsys.readouterr().out)["problems"] == 2
+
+
+def test_oracle_strategy_eval_records_trials_and_solved_at_k(tmp_path, tiny_dir, monkeypatch):
+    from guidedecode.tasks.synthetic import SyntheticArithmetic
+
+    # A deterministic stand-in verdict so that some problems are solved at a known attempt: the oracle accepts
+    # completions of even length. The harness must hand the task's own check to the strategy (oracle stop).
+    monkeypatch.setattr(SyntheticArithmetic, "check", lambda self, text, problem: len(text) % 2 == 0)
+    monkeypatch.setattr(SyntheticArithmetic, "check_many",
+                        lambda self, texts, problems: [len(t) % 2 == 0 for t in texts])
+    config = config_for(tiny_dir, guide=None, params={"n": "4", "oracle": "1", "max_new_tokens": "6"},
+                        strategy="best-of-n", samples=1, limit=5)
+    summary = run_eval(config, tmp_path / "oracle", progress=False)
+    records = lines(tmp_path / "oracle" / "results.jsonl")
+    trials = [r["trials"][0] for r in records]
+    for record, trial in zip(records, trials):
+        assert record["budget"] == 4
+        if trial is None:
+            assert record["attempts"] == [4] and record["correct"] == [False]
+        else:  # stopped at the first accepted attempt, which is the chosen completion
+            assert record["attempts"] == [trial] and record["correct"] == [True]
+    solved = [t for t in trials if t is not None]
+    assert summary["trial_histogram"]["solved"] == [solved.count(j) for j in range(1, 5)]
+    assert summary["solved@1"] == solved.count(1) / 5 and summary["solved@4"] == len(solved) / 5
+    assert summary["accuracy"]["mean"] == summary["solved@4"]
+
+
+def test_revision_eval_gets_chat_messages(tmp_path, tiny_dir):
+    config = config_for(tiny_dir, guide=None, params={"k": "2", "max_new_tokens": "4"}, strategy="revision",
+                        samples=1, limit=2)
+    summary = run_eval(config, tmp_path / "revision", progress=False)
+    assert summary["problems"] == 2 and summary["attempts_mean"] == 2  # no oracle: the whole budget

@@ -141,6 +141,35 @@ def test_target_3d_and_strided_view():
 
 
 @needs_kernels
+def test_scoring_batch_with_garbage_padding_matches_eager():
+    """The shape HFBackend.score hands over: right-padded candidates of different lengths, odd V.
+    Padded slots hold whatever the model left there (here NaN / +-inf hidden rows and logits); their
+    target is ignore_index, so they give 0.0 and never leak into a scored row. Both variants equal
+    eager ``log_softmax(...).gather(...)`` computed on the unpadded rows alone."""
+    b, t_len, h, v = 4, 9, 24, 1013
+    lengths = [9, 3, 6, 1]
+    gen = torch.Generator().manual_seed(12)
+    hidden = torch.randn(b, t_len, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * 0.4
+    ids = torch.randint(0, v, (b, t_len), generator=gen)
+    targets = torch.full((b, t_len), -100)
+    for row, n in enumerate(lengths):
+        targets[row, :n] = ids[row, :n]
+        hidden[row, n:] = float("nan") if row % 2 else float("inf")
+    logits = torch.nn.functional.linear(hidden, weight)
+    assert not torch.isfinite(logits[1, 3:]).any()
+    got_row = _both_paths(K.target_logprobs, logits.to(DEVICE), targets.to(DEVICE))
+    got_lin = _both_paths(K.linear_target_logprobs, hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE),
+                          chunk_size=250)  # fmt: skip
+    for got in (*got_row, *got_lin):
+        got = got.cpu()
+        for row, n in enumerate(lengths):
+            eager = torch.log_softmax(weight @ hidden[row, :n].T, dim=0).T.gather(-1, ids[row, :n, None])[:, 0]
+            _close(got[row, :n], eager)
+            assert torch.equal(got[row, n:], torch.zeros(t_len - n))
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_target_half_inputs(dtype):
     n, v = 9, 3001

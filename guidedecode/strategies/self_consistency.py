@@ -3,6 +3,10 @@
 Answers are grouped into equivalence classes (identical strings, then math-verify equivalence);
 the largest class wins, ties go to the class whose first member was sampled first, and the
 returned completion is that class's first member. Completions without an answer do not vote.
+
+With an oracle (``check=`` and gold answers) only the voted answer is judged (FTTT protocol, spec
+3.2): the run's trial is the first occurrence of the winning class, 1-based; all samples count as
+attempts (the vote needs them all) and no answer at all means unsolved.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from guidedecode.errors import StrategyError
-from guidedecode.strategies.base import StepStrategy, StrategyResult, check_golds
+from guidedecode.strategies.base import StepStrategy, StrategyResult
+from guidedecode.strategies.budget import AttemptLog, check_budget, check_candidates, oracle_golds
 
 
 def vote(answers: Sequence[str | None], equivalent_many: Callable[[list[tuple[str, str]]], list[bool]] | None = None):
@@ -45,37 +50,53 @@ def vote(answers: Sequence[str | None], equivalent_many: Callable[[list[tuple[st
 
 
 class SelfConsistency(StepStrategy):
-    """Majority vote over the extracted answers of ``n`` samples."""
+    """Majority vote over the extracted answers of ``n`` samples.
+
+    ``equivalence``: ``"math_verify"`` (default) merges string classes that ``equivalent_many`` (default:
+    math-verify) declares equal; ``"exact"`` votes by exact (stripped) strings, as for code answers.
+    """
 
     def __init__(self, n: int = 8, *, extract: Callable[[str], str | None] | None = None,
-                 equivalent_many: Callable | None = None, temperature: float = 0.7, top_p: float = 1.0,
+                 equivalent_many: Callable | None = None, equivalence: str = "math_verify",
+                 check: Callable[[str, str], bool] | None = None, temperature: float = 0.7, top_p: float = 1.0,
                  stop=None, seed: int | None = None, **options):
         super().__init__(**options)
-        if n < 1:
-            raise StrategyError(f"SelfConsistency needs n >= 1, got {n}")
-        self.n, self.temperature, self.top_p, self.stop, self.seed = n, temperature, top_p, stop, seed
+        if equivalence not in ("exact", "math_verify"):
+            raise StrategyError(f"equivalence must be 'exact' or 'math_verify', got {equivalence!r}")
+        self.n = check_budget(n, "n", "SelfConsistency")
+        self.temperature, self.top_p, self.stop, self.seed = temperature, top_p, stop, seed
+        self.check = check
         self.extract = extract or _math_extract
-        self.equivalent_many = equivalent_many or _math_equivalent_many
+        self.equivalent_many = None if equivalence == "exact" else equivalent_many or _math_equivalent_many
 
     def run(self, backend, prompts, *, golds=None):
-        check_golds(prompts, golds)
+        golds = oracle_golds(prompts, golds, self.check, "SelfConsistency")
         samples = backend.sample(prompts, self.n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                  top_p=self.top_p, stop=self.stop, seed=self.seed)
-        results = []
-        for candidates in samples:
-            answers = [self.extract(c.text) for c in candidates]
-            groups = vote(answers, self.equivalent_many)
-            chosen = groups[0][0] if groups else 0
-            counts = [0.0] * len(candidates)
-            for members in groups:
-                for i in members:
-                    counts[i] = float(len(members))
-            results.append(StrategyResult(
-                completion=candidates[chosen], candidates=candidates, scores=counts,
-                trace=[{"answers": answers, "classes": groups, "chosen": chosen}],
-                generated_tokens=sum(c.num_tokens for c in candidates), attempts=len(candidates),
-            ))
-        return results
+        return [self.select(candidates, gold) for candidates, gold in zip(samples, golds)]
+
+    def select(self, candidates, gold=None) -> StrategyResult:
+        """Vote among ``candidates`` (already sampled) for one prompt."""
+        check_candidates(candidates, "SelfConsistency")
+        answers = [self.extract(c.text) for c in candidates]
+        groups = vote(answers, self.equivalent_many)
+        chosen = groups[0][0] if groups else 0
+        counts = [0.0] * len(candidates)
+        for members in groups:
+            for i in members:
+                counts[i] = float(len(members))
+        head = [{"answers": answers, "classes": groups, "chosen": chosen}]
+        generated = sum(c.num_tokens for c in candidates)
+        if self.check is None:
+            return StrategyResult(completion=candidates[chosen], candidates=candidates, scores=counts, trace=head,
+                                  generated_tokens=generated, attempts=len(candidates))
+        log = AttemptLog(len(candidates), check=self.check, gold=gold)
+        for index, candidate in enumerate(candidates):
+            log.add(candidate, judge=False, answer=answers[index])
+        if groups:  # only the voted answer is judged; all-None votes leave the problem unsolved
+            log.judge(chosen + 1)
+        return log.result(candidates[chosen], generated_tokens=generated, candidates=candidates, scores=counts,
+                          head=head)
 
 
 def _math_extract(text: str) -> str | None:
