@@ -43,8 +43,8 @@ def strategies_suite(args) -> list[tuple[str, dict]]:
     runs = [
         ("greedy", {"temperature": 0.0, "samples": 1}),
         (f"self-consistency@{k}", {"strategy": "self-consistency", "samples": 1, "params": {"n": k}}),
-        (f"best-of-{k}-oracle", {"strategy": "best-of-n", "samples": 1, "params": {"n": k, "scorer": "oracle"}}),
-        ("beam-search", {"strategy": "beam-search", "samples": 1, "params": {}}),
+        (f"best-of-{k}-oracle", {"strategy": "best-of-n", "samples": 1, "params": {"n": k, "oracle": "1"}}),
+        ("beam-search-w4x2", {"strategy": "beam-search", "samples": 1, "params": {"width": "4", "expansions": "2"}}),
         ("rationalyst-random", {"strategy": "rationalyst", "samples": 1, "params": {"mode": "random"}}),
         ("rationalyst-implicit", {"strategy": "rationalyst", "samples": 1, "params": {"mode": "implicit"}}),
     ]

@@ -1,4 +1,4 @@
-"""The ``guidedecode`` command line: demo, generate, eval, bench.
+"""The ``guidedecode`` command line: demo, generate, eval, bench, train.
 
 Errors the user can fix (unknown names, missing files, bad parameters, NaN logits) print as one
 line ``error: ...`` with exit status 2, never as a traceback.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from guidedecode.cli.train import train
 from guidedecode.errors import GuidedecodeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -158,6 +159,9 @@ def bench(ctx, name: str, benchmarks_dir: str) -> None:
     env = dict(os.environ, GUIDEDECODE_BENCH_RESULTS=str((directory / "results").resolve()))
     completed = subprocess.run([sys.executable, str(script), *ctx.args], env=env)
     sys.exit(completed.returncode)
+
+
+app.add_command(train)  # ``guidedecode train ...`` (trainers are imported only when run)
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
         model, tokenizer = load_model(config.model)
     # A guide learns the sampling settings (Q#'s KL accounting needs them); a strategy keeps its own
     # (e.g. Revision is greedy) unless they are given as parameters.
-    context = {"model": model, "task": task}
+    context = {"model": model, "task": task, "max_new_tokens": config.max_new_tokens}
     sampling = {"temperature": config.temperature, "top_p": config.top_p}
     guide = build_guide(config.guide, tokenizer, config.params, context={**context, **sampling}) if config.guide else None
     strategy = build_strategy(config.strategy, tokenizer, config.params, context=context) if config.strategy else None
@@ -94,7 +94,9 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
 
     results_path = out / "results.jsonl"
     done = {record["id"] for record in read_results(results_path)}
-    per_chunk = 1 if strategy else max(1, config.batch_size // config.samples)
+    # sequences per generate call ~ batch_size: a strategy with a budget of b attempts takes batch_size // b problems
+    width = config.samples * (attempt_budget(strategy) or 1 if strategy else 1)
+    per_chunk = max(1, config.batch_size // width)
     chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
     bar = _progress(len(problems), len(done & {p.id for p in problems}), progress, config.task)
     for index, chunk in enumerate(chunks):
