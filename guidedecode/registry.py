@@ -98,7 +98,23 @@ def _unescape(text: str) -> str:
     return text.encode().decode("unicode_escape")
 
 
-GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty}
+def _qsharp(tokenizer, value_model: str = "", eta: float = 10.0, mode: str = "", top_k: int = 20,
+            temperature: float = 1.0, top_p: float = 1.0, model=None):
+    """Q# with a trained value model directory (``guidedecode train qsharp``); ``mode=cd`` for CD.
+    ``temperature``/``top_p`` are the run's sampling settings, used for the KL accounting only."""
+    from guidedecode.guides import QSharpGuide
+    from guidedecode.value_model import ValueModel
+
+    if not value_model:
+        raise GuidedecodeError("guide 'qsharp' needs -p value_model=DIR (a directory written by guidedecode train qsharp)")
+    device = getattr(model, "device", None)
+    vm = ValueModel.from_pretrained(value_model, device=device)
+    vm.check_tokenizer(tokenizer)
+    return QSharpGuide(vm, eta=eta, mode=mode or None, top_k=top_k, tokenizer=tokenizer, temperature=temperature,
+                       top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty, "qsharp": _qsharp}
 STRATEGIES: dict[str, Callable] = {
     "best-of-n": _best_of_n,
     "self-consistency": _self_consistency,

@@ -162,3 +162,22 @@ def test_revision_eval_gets_chat_messages(tmp_path, tiny_dir):
                         samples=1, limit=2)
     summary = run_eval(config, tmp_path / "revision", progress=False)
     assert summary["problems"] == 2 and summary["attempts_mean"] == 2  # no oracle: the whole budget
+
+
+def test_qsharp_eval_records_per_sample_kl(tmp_path, tiny_dir):
+    from guidedecode.models import load_model
+    from guidedecode.value_model import ValueModel
+
+    model, tokenizer = load_model(str(tiny_dir))
+    value_dir = tmp_path / "value-model"
+    ValueModel.from_backbone(model, head="v", init="normal", tokenizer=tokenizer).save_pretrained(value_dir)
+    runs = {}
+    for eta in ("0", "10"):
+        config = config_for(tiny_dir, guide="qsharp", params={"value_model": str(value_dir), "eta": eta},
+                            top_p=0.8, limit=3, max_new_tokens=6)
+        runs[eta] = run_eval(config, tmp_path / f"eta{eta}", model=model, tokenizer=tokenizer, progress=False)
+        records = lines(tmp_path / f"eta{eta}" / "results.jsonl")
+        assert all(len(r["kl"]) == len(r["kl_sample"]) == 2 for r in records)
+    # eta = 0 is an exact no-op (KL 0 before top-p), but the sampled nucleus still has KL = -log(mass) > 0
+    assert runs["0"]["kl"]["mean"] == 0.0 and runs["0"]["kl_sample"]["mean"] > 0
+    assert runs["10"]["kl"]["mean"] > 0 and runs["10"]["kl_sample"]["mean"] > 0

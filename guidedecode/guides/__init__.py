@@ -2,5 +2,6 @@
 
 from guidedecode.guides.base import TokenGuide
 from guidedecode.guides.bias import HistoryBias, PresencePenalty
+from guidedecode.guides.qsharp import QSharpGuide, qsharp_offsets
 
-__all__ = ["TokenGuide", "HistoryBias", "PresencePenalty"]
+__all__ = ["TokenGuide", "HistoryBias", "PresencePenalty", "QSharpGuide", "qsharp_offsets"]
