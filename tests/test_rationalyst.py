@@ -22,7 +22,7 @@ class RecordingBackend(HFBackend):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.calls = {"greedy": [], "sample": [], "score": []}
+        self.calls = {"greedy": [], "sample": [], "score": [], "score_many": []}
 
     def greedy(self, prompts, **kwargs):
         out = super().greedy(prompts, **kwargs)
@@ -37,6 +37,13 @@ class RecordingBackend(HFBackend):
     def score(self, prefix, continuations):
         out = super().score(prefix, continuations)
         self.calls["score"].append((prefix, list(continuations)))
+        return out
+
+    def score_many(self, requests):
+        # one entry per (prefix, continuations) request, as if score() had been called for each
+        out = super().score_many(requests)
+        self.calls["score_many"].append(len(requests))
+        self.calls["score"].extend((prefix, list(continuations)) for prefix, continuations in requests)
         return out
 
 
@@ -127,8 +134,8 @@ def test_random_mode_never_calls_the_rationale_model_or_scorer_and_is_seeded(par
         return strategy.run(policy, PROMPTS)
 
     first, again, other = run(5), run(5), run(6)
-    assert rationale.calls == {"greedy": [], "sample": [], "score": []}
-    assert scorer.calls == {"greedy": [], "sample": [], "score": []}
+    assert rationale.calls == {"greedy": [], "sample": [], "score": [], "score_many": []}
+    assert scorer.calls == {"greedy": [], "sample": [], "score": [], "score_many": []}
     assert policy.calls["greedy"] == [] and policy.calls["score"] == []
     assert len(policy.calls["sample"]) == 6  # one sampling call per step for both problems, three runs
     assert [r.text for r in first] == [r.text for r in again]
@@ -166,6 +173,7 @@ def test_stops_on_the_step_that_contains_the_answer(parts):
     assert [len(prompts) for prompts, _ in rationale.calls["greedy"]] == live_per_step
     assert [len(prompts) for prompts, _ in policy.calls["sample"]] == live_per_step
     assert len(policy.calls["score"]) == sum(lengths)
+    assert policy.calls["score_many"] == live_per_step  # scoring is batched across the live problems too
 
 
 def test_default_answer_detector():

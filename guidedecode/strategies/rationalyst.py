@@ -201,6 +201,7 @@ class RationaleStepSearch(StepStrategy):
         self.rationale_backend, self.scorer_backend = rationale_backend, scorer_backend
         self.rationale_prompt = rationale_prompt or default_rationale_prompt
         self.is_final = is_final or contains_answer_marker
+        self._prefetched: dict = {}  # scores of the current step, computed for all problems at once
 
     # ------------------------------------------------------------------ run
     def run(self, backend, prompts, *, golds=None):
@@ -248,9 +249,28 @@ class RationaleStepSearch(StepStrategy):
                                 temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=seed)
         if len(samples) != len(live):
             raise StrategyError(f"the policy returned {len(samples)} candidate lists for {len(live)} prompts")
+        self._prefetched = self._prefetch_scores(prefixes, rationales, samples, policy)
         for problem, prefix, rationale, r_tokens, candidates in zip(live, prefixes, rationales, rationale_tokens,
                                                                     samples):
             self._choose(step, problem, prefix, rationale, r_tokens, list(candidates), policy)
+        self._prefetched = {}
+
+    def _prefetch_scores(self, prefixes, rationales, samples, policy) -> dict:
+        """Score the usable candidates of every live problem in one ``score_many`` call (shared forwards
+        across problems), keyed by (context, candidate texts); ``_score`` falls back to ``score``."""
+        scorer = self.scorer_backend or policy
+        if self.mode == "random" or not hasattr(scorer, "score_many"):
+            return {}
+        requests = []
+        for prefix, rationale, candidates in zip(prefixes, rationales, samples):
+            texts = tuple(c.text for c in candidates if c.token_ids and c.text and c.finish_reason != "length")
+            if not texts:
+                continue  # _choose raises the error that names the problem
+            requests.append((prefix + self._block(rationale), texts))
+            if self.score_fn == "pmi":
+                requests.append((prefix, texts))
+        rows = scorer.score_many([(context, list(texts)) for context, texts in requests]) if requests else []
+        return dict(zip(requests, rows))
 
     def _choose(self, step, problem, prefix, rationale, rationale_tokens, candidates, policy) -> None:
         where = f"problem {problem.index}, step {step + 1}"
@@ -322,7 +342,9 @@ class RationaleStepSearch(StepStrategy):
         token_logprobs: dict[str, list[list[float]]] = {}
         aggregates: dict[str, list[float]] = {}
         for condition, context in conditions.items():
-            rows = scorer.score(context, texts)
+            rows = self._prefetched.get((context, tuple(texts)))
+            if rows is None:
+                rows = scorer.score(context, texts)
             if len(rows) != len(texts):
                 raise StrategyError(f"{where}: the scorer returned {len(rows)} scores for {len(texts)} candidates")
             for text, row in zip(texts, rows):
