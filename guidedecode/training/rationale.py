@@ -1,0 +1,937 @@
+"""Training data and fine-tuning for a RATIONALYST rationale model (``guidedecode train rationale``).
+
+RATIONALYST (D. Jiang et al., arXiv 2410.01044, ACL 2025) mines the implicit rationales between
+consecutive text segments and trains a model to write them. The pipeline has four stages, each a
+function with files between them in one output directory (``spec: rationalyst.md`` Sections 4-5):
+
+1. **extract** - an instruct model rewrites each document unchanged but inserts the unstated
+   rationales as ``<BOT>rationale<EOT>`` (our own system prompt + two GSM8K-style demos).
+   Output: ``extract.jsonl`` (one row per document: ``id, source, text, output, finish_reason``).
+2. **align** - strip every ``<BOT>..<EOT>`` span; keep the document iff
+   ``1 - levenshtein(text, stripped) / len(text) >= 0.9``; split the output at each rationale into
+   ``{preceding, rationale, following}`` where ``preceding`` is all text before the rationale
+   (rationales removed) and ``following`` is only the next segment (up to the next ``<BOT>``).
+   Output: ``aligned.jsonl``.
+3. **filter** - with a scorer M and the next segment's tokens f (length L), gamma = 0.9::
+
+       S_without = sum_{i<L} gamma^i * log P_M(f_i | [system: S_f, user: preceding], f_<i)
+       S_with    = sum_{i<L} gamma^i * log P_M(f_i | [system: S_f, user: preceding + " <BOT>r<EOT>"], f_<i)
+       keep  <=>  Delta = S_with - S_without >= tau(source)
+
+   (unnormalised weights, as the reference). Output: ``scored.jsonl`` (every record with its
+   scores; the resumable work file) and ``filtered.jsonl`` (the kept records).
+4. **sft** - causal-LM fine-tuning on ``[user: preceding] -> [assistant: rationale]`` with the prompt
+   masked (label -100), AdamW, cosine schedule with 3% warm-up, full or LoRA (peft), 5% dev split
+   with a dev loss per epoch, checkpoints that resume. Output: ``sft/`` (``checkpoint-N/``,
+   ``final/`` = a loadable HF model directory, ``adapter/`` for LoRA, ``history.json``).
+
+Every file is written atomically (temporary file, fsync, ``os.replace``); rerunning a stage skips
+the documents/records/steps already done. ``metrics.json`` collects the counts of every stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guidedecode.errors import GuidedecodeError
+
+BOT, EOT = "<BOT>", "<EOT>"
+GAMMA = 0.9
+SIMILARITY_THRESHOLD = 0.9
+DEV_FRACTION = 0.05
+WARMUP_FRACTION = 0.03
+# Per-source usefulness thresholds from the paper (spec Section 4.5; tuned for 95% precision,
+# unverified); sources not listed use the reference default 0.
+DEFAULT_TAUS: dict[str, float] = {"gsm8k": 1.2, "ecqa": 0.5, "pile": 0.0}
+DEFAULT_TAU = 0.0
+LORA_TARGETS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("c_attn",))
+
+_SPAN = re.compile(re.escape(BOT) + "(.*?)" + re.escape(EOT), re.DOTALL)
+
+
+class TrainingError(GuidedecodeError):
+    """A training run got bad input: missing or malformed data, bad parameters, a damaged checkpoint.
+
+    (Defined here because errors.py has no training class yet; a shared ``TrainingError`` in
+    ``guidedecode.errors`` would replace it.)
+    """
+
+
+# =============================================================================================
+# Files: atomic writes, JSONL, metrics
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a line that is not a JSON object is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrainingError(f"{path} line {number} is not valid JSON: {exc.msg}") from exc
+            if not isinstance(row, dict):
+                raise TrainingError(f"{path} line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def update_metrics(out: Path, stage: str, values: dict) -> None:
+    """Set ``metrics.json[stage] = values`` (read, modify, atomic write)."""
+    path = Path(out) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics[stage] = values
+    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+
+
+def check_settings(out: Path, stage: str, settings: dict) -> None:
+    """Record a stage's settings in ``settings.json``; refuse to resume a stage under other settings."""
+    path = Path(out) / "settings.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    previous = recorded.get(stage)
+    if previous is not None and previous != settings:
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        raise TrainingError(
+            f"{out} holds a '{stage}' stage made with other settings ({', '.join(changed)}): "
+            f"use a new --out directory or delete that stage's files"
+        )
+    recorded[stage] = settings
+    atomic_write_text(path, json.dumps(recorded, indent=2) + "\n")
+
+
+# =============================================================================================
+# Documents
+
+
+def gsm8k_document(row: dict) -> str:
+    """A GSM8K train row as one document: the question, then the solution with the calculator
+    annotations ``<<48/2=24>>`` removed and ``#### 72`` written as ``The answer is 72.``"""
+    try:
+        question, solution = str(row["question"]).strip(), str(row["answer"])
+    except KeyError as exc:
+        raise TrainingError(f"a GSM8K row needs 'question' and 'answer' fields, missing {exc}") from exc
+    solution = re.sub(r"<<[^>]*>>", "", solution)
+    if "####" in solution:
+        body, answer = solution.rsplit("####", 1)
+        solution = body.rstrip() + f"\nThe answer is {answer.strip()}."
+    return f"Question: {question}\nAnswer: {solution.strip()}"
+
+
+def load_documents(path: Path, limit: int | None = None) -> list[dict]:
+    """``[{id, source, text}]`` from a JSONL file of GSM8K rows (``question``/``answer``) or of plain
+    documents (``text`` with optional ``id`` and ``source``); the first ``limit`` rows."""
+    path = Path(path)
+    if limit is not None and limit < 1:
+        raise TrainingError(f"--records must be >= 1, got {limit}")
+    rows = read_jsonl(path)
+    if not rows:
+        raise TrainingError(f"{path} holds no records")
+    documents = []
+    for index, row in enumerate(rows[:limit] if limit else rows):
+        if "text" in row:
+            text, source = str(row["text"]), str(row.get("source") or path.stem)
+        elif "question" in row and "answer" in row:
+            text, source = gsm8k_document(row), str(row.get("source") or "gsm8k")
+        else:
+            raise TrainingError(f"{path} row {index + 1} has neither 'text' nor 'question'+'answer'")
+        if not text.strip():
+            raise TrainingError(f"{path} row {index + 1} has an empty text")
+        documents.append({"id": str(row.get("id", f"{path.stem}/{index}")), "source": source, "text": text})
+    return documents
+
+
+# =============================================================================================
+# Stage 1: extraction
+
+EXTRACTION_SYSTEM = (
+    "You rewrite a text exactly as it is, character for character, but insert the unstated rationales "
+    "that help predict what comes next. Put each rationale right before the sentence it explains, "
+    f"wrapped as {BOT}rationale{EOT}. A rationale says why the next step follows or what it is for "
+    '(for example "To find X, we need to ..."); it never repeats the text. Change nothing else.'
+)
+
+EXTRACTION_DEMOS: tuple[tuple[str, str], ...] = (
+    (
+        "Question: A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?\n"
+        "Answer: The baker sells 24 * 3/4 = 18 muffins.\n"
+        "So 24 - 18 = 6 muffins are left.\n"
+        "The answer is 6.",
+        "Question: A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?\n"
+        f"Answer: {BOT}To find how many are left, we first need how many were sold.{EOT}"
+        "The baker sells 24 * 3/4 = 18 muffins.\n"
+        f"{BOT}The muffins left are the total minus the ones sold.{EOT}So 24 - 18 = 6 muffins are left.\n"
+        f"{BOT}The question asks for the muffins left, which we just found.{EOT}The answer is 6.",
+    ),
+    (
+        "Question: Tom reads 15 pages a day. How many days does he need for a 120-page book?\n"
+        "Answer: He needs 120 / 15 = 8 days.\n"
+        "The answer is 8.",
+        "Question: Tom reads 15 pages a day. How many days does he need for a 120-page book?\n"
+        f"Answer: {BOT}Each day covers 15 pages, so we divide the pages by the daily rate.{EOT}"
+        "He needs 120 / 15 = 8 days.\n"
+        f"{BOT}The number of days is the final answer.{EOT}The answer is 8.",
+    ),
+)
+
+
+def extraction_messages(text: str) -> list[dict]:
+    """The chat for one document: system prompt, the two demos, then the document."""
+    messages = [{"role": "system", "content": EXTRACTION_SYSTEM}]
+    for plain, annotated in EXTRACTION_DEMOS:
+        messages += [{"role": "user", "content": plain}, {"role": "assistant", "content": annotated}]
+    return messages + [{"role": "user", "content": text}]
+
+
+def extract(
+    backend,
+    documents: Sequence[dict],
+    path: Path,
+    *,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
+    """Greedy-extract rationales for the documents not yet in ``path``; rewrite ``path`` atomically
+    after every batch (so an interrupted run resumes at the next unfinished batch)."""
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise TrainingError("--max-new-tokens and --batch-size must be >= 1")
+    path = Path(path)
+    done = {row["id"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    todo = [d for d in documents if d["id"] not in done]
+    bar = tqdm(total=len(documents), initial=len(documents) - len(todo), desc="extract", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        prompts = [backend.chat_prompt(extraction_messages(d["text"])) for d in chunk]
+        for document, completion in zip(chunk, backend.greedy(prompts, max_new_tokens=max_new_tokens)):
+            done[document["id"]] = {**document, "output": completion.text, "finish_reason": completion.finish_reason}
+        write_jsonl(path, done.values())
+        bar.update(len(chunk))
+    bar.close()
+    wanted = [done[d["id"]] for d in documents]
+    return {
+        "documents": len(wanted),
+        "generated_now": len(todo),
+        "finish_reasons": dict(Counter(row["finish_reason"] for row in wanted)),
+    }
+
+
+# =============================================================================================
+# Stage 2: alignment
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (unit-cost insert, delete, substitute), two-row dynamic programme."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def edit_similarity(source: str, candidate: str) -> Fraction:
+    """``1 - levenshtein(source, candidate) / len(source)`` as an exact fraction (spec Section 4.3).
+
+    Exact, so a threshold of 0.9 keeps a 20-character text at distance 2 and drops it at 3 with no
+    floating-point doubt. Can be negative when the candidate is much longer than the source.
+    """
+    if not source:
+        raise TrainingError("cannot align an empty source text")
+    return 1 - Fraction(edit_distance(source, candidate), len(source))
+
+
+def strip_rationales(text: str) -> str:
+    """The text with every ``<BOT>...<EOT>`` span removed (nothing else changed)."""
+    return _SPAN.sub("", text)
+
+
+def align_document(document: dict, *, threshold: float = SIMILARITY_THRESHOLD) -> tuple[list[dict], str]:
+    """``(records, outcome)`` for one extracted document.
+
+    ``outcome`` is ``"aligned"`` or why the document was dropped: ``malformed`` (a ``<BOT>`` or
+    ``<EOT>`` without its partner, or nested), ``no_rationale``, ``low_similarity``. Rationales with an
+    empty preceding text, rationale or following segment yield no record (counted by the caller).
+    """
+    output = document["output"]
+    parts = _SPAN.split(output)  # [seg_0, r_1, seg_1, r_2, seg_2, ...]
+    segments, rationales = parts[0::2], parts[1::2]
+    if any(BOT in s or EOT in s for s in parts):
+        return [], "malformed"
+    if not rationales:
+        return [], "no_rationale"
+    similarity = edit_similarity(document["text"], "".join(segments))
+    if similarity < Fraction(str(threshold)):
+        return [], "low_similarity"
+    records = []
+    for k, rationale in enumerate(rationales, 1):
+        record = {
+            "id": f"{document['id']}#{k}",
+            "doc_id": document["id"],
+            "source": document["source"],
+            "preceding": "".join(segments[:k]).strip(),
+            "rationale": rationale.strip(),
+            "following": segments[k].strip(),
+            "similarity": float(similarity),
+        }
+        records.append(record)
+    return records, "aligned"
+
+
+def align(extracted: Sequence[dict], path: Path, *, threshold: float = SIMILARITY_THRESHOLD) -> dict:
+    """Align every extracted document, write the records to ``path``; return the counts."""
+    outcomes: Counter = Counter()
+    skipped: Counter = Counter()
+    records = []
+    for document in extracted:
+        found, outcome = align_document(document, threshold=threshold)
+        outcomes[outcome] += 1
+        for record in found:
+            empty = [key for key in ("preceding", "rationale", "following") if not record[key]]
+            if empty:
+                skipped[f"empty_{empty[0]}"] += 1
+            else:
+                records.append(record)
+    write_jsonl(path, records)
+    return {"documents": len(extracted), **{k: outcomes[k] for k in ("aligned", "malformed", "no_rationale",
+                                                                    "low_similarity")},
+            "records": len(records), "skipped_rationales": dict(skipped)}
+
+
+# =============================================================================================
+# Stage 3: usefulness filter
+
+FILTER_SYSTEM = (
+    "Continue the text: given the preceding text, write the text that comes next. A passage inside "
+    f"{BOT} and {EOT} is a rationale that may or may not help."
+)
+
+
+def preceding_of(record: dict) -> str:
+    """The ``preceding`` field; the reference's spelling ``preceeding`` is accepted on read."""
+    if "preceding" in record:
+        return record["preceding"]
+    if "preceeding" in record:
+        return record["preceeding"]
+    raise TrainingError(f"record {record.get('id', '?')} has no 'preceding' field")
+
+
+def decayed_sum(logprobs: Sequence[float] | torch.Tensor, gamma: float = GAMMA) -> float:
+    """``sum_i gamma^i * logprobs[i]`` (i from 0), unnormalised as in the reference."""
+    values = torch.as_tensor(logprobs, dtype=torch.float64)
+    weights = gamma ** torch.arange(len(values), dtype=torch.float64)
+    return float((weights * values).sum())
+
+
+def filter_user_texts(record: dict) -> tuple[str, str]:
+    """The user messages without and with the rationale: ``preceding`` and ``preceding <BOT>r<EOT>``."""
+    preceding = preceding_of(record)
+    return preceding, f"{preceding} {BOT}{record['rationale']}{EOT}"
+
+
+def following_logprobs(backend, record: dict, *, system: str = FILTER_SYSTEM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of ``following`` as the assistant's reply, without and with the rationale.
+
+    One ``backend.score`` call scores both: the two rendered prompts share a prefix (system prompt
+    and ``preceding``), the continuations are the differing tails plus ``following``. The tokens of
+    ``following`` are those of the jointly tokenised ``prompt + following`` that end after the prompt
+    (a token spanning the boundary belongs to ``following``, as in ``HFBackend.join``).
+    """
+    if not getattr(backend.tokenizer, "is_fast", False):
+        raise TrainingError("the usefulness filter needs a fast tokenizer (character offsets)")
+    following = record["following"]
+    prompts = [
+        backend.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": user}])
+        for user in filter_user_texts(record)
+    ]
+    prefix = os.path.commonprefix(prompts)
+    if not prefix:
+        raise TrainingError("the with/without-rationale prompts share no prefix")
+    scores = backend.score(prefix, [p[len(prefix) :] + following for p in prompts])
+    result = []
+    for prompt, score in zip(prompts, scores):
+        count = count_tokens_after(backend.tokenizer, prompt + following, len(prompt))
+        if count == 0 or count > len(score.logprobs):
+            raise TrainingError(f"record {record.get('id', '?')}: cannot locate the following text's tokens")
+        result.append(score.logprobs[-count:])
+    return result[0], result[1]
+
+
+def count_tokens_after(tokenizer, text: str, char: int) -> int:
+    """How many tokens of ``text`` (no special tokens added) end after character ``char``."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return sum(1 for _, end in offsets if end > char)
+
+
+def usefulness(backend, record: dict, *, gamma: float = GAMMA, system: str = FILTER_SYSTEM) -> dict:
+    """``{s_without, s_with, delta, n_following}`` for one record (spec Section 4.5)."""
+    without, with_rationale = following_logprobs(backend, record, system=system)
+    s_without, s_with = decayed_sum(without, gamma), decayed_sum(with_rationale, gamma)
+    return {"s_without": s_without, "s_with": s_with, "delta": s_with - s_without, "n_following": len(without)}
+
+
+def tau_for(source: str, taus: dict[str, float] | None = None, default: float | None = None) -> float:
+    """The threshold of a source: ``taus[source]``, else ``default``, else the spec's per-source value."""
+    if taus and source in taus:
+        return taus[source]
+    if default is not None:
+        return default
+    return DEFAULT_TAUS.get(source, DEFAULT_TAU)
+
+
+def validate_tau(value: float, name: str = "tau") -> float:
+    value = float(value)
+    if math.isnan(value):
+        raise TrainingError(f"{name} is NaN: give a number (the paper uses 1.2 for GSM8K, 0 by default)")
+    return value
+
+
+def score_records(
+    backend, records: Sequence[dict], path: Path, *, gamma: float = GAMMA, save_every: int = 16,
+    progress: bool = False,
+) -> list[dict]:
+    """Score every record not yet in ``path`` (rewritten atomically every ``save_every`` records)."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    done = {row["id"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    todo = [r for r in records if r["id"] not in done]
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="filter", disable=not progress)
+    for i, record in enumerate(todo, 1):
+        done[record["id"]] = {**record, **usefulness(backend, record, gamma=gamma)}
+        if i % save_every == 0 or i == len(todo):
+            write_jsonl(path, done.values())
+        bar.update(1)
+    bar.close()
+    return [done[r["id"]] for r in records]
+
+
+def keep_by_tau(scored: Sequence[dict], taus: dict[str, float] | None = None,
+                default: float | None = None) -> list[dict]:
+    """The records with ``delta >= tau(source)``, each with its ``tau`` attached."""
+    kept = []
+    for record in scored:
+        tau = validate_tau(tau_for(record["source"], taus, default))
+        if record["delta"] >= tau:
+            kept.append({**record, "tau": tau})
+    return kept
+
+
+def filter_records(
+    backend, aligned: Sequence[dict], out: Path, *, taus: dict[str, float] | None = None,
+    default_tau: float | None = None, gamma: float = GAMMA, progress: bool = False,
+) -> dict:
+    """Stage 3: score (``scored.jsonl``, resumable), keep by tau (``filtered.jsonl``); return counts."""
+    scored = score_records(backend, aligned, Path(out) / "scored.jsonl", gamma=gamma, progress=progress)
+    kept = keep_by_tau(scored, taus, default_tau)
+    write_jsonl(Path(out) / "filtered.jsonl", kept)
+    deltas = [r["delta"] for r in scored]
+    per_source: dict[str, dict] = {}
+    for record in scored:
+        entry = per_source.setdefault(record["source"], {"scored": 0, "kept": 0,
+                                                          "tau": tau_for(record["source"], taus, default_tau)})
+        entry["scored"] += 1
+    for record in kept:
+        per_source[record["source"]]["kept"] += 1
+    return {
+        "scored": len(scored), "kept": len(kept), "dropped": len(scored) - len(kept), "gamma": gamma,
+        "mean_delta": sum(deltas) / len(deltas) if deltas else None, "per_source": per_source,
+    }
+
+
+# =============================================================================================
+# Stage 4: supervised fine-tuning
+
+
+@dataclass
+class SFTConfig:
+    """Hyper-parameters of the rationale-model fine-tune (spec Section 5; defaults scaled for CPU)."""
+
+    lora: bool = False
+    epochs: int = 1
+    lr: float = 2e-5
+    batch_size: int = 2
+    max_length: int = 1024
+    seed: int = 0
+    dev_fraction: float = DEV_FRACTION
+    save_every: int = 50  # optimizer steps between checkpoints (plus one at each epoch's end)
+    keep_checkpoints: int = 2
+    max_grad_norm: float = 1.0  # gradient-norm clipping (the HF Trainer default the reference ran with)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_template: str = "{rationale}"  # e.g. "<BOT>{rationale}<EOT>" to train the markers too
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8 or self.save_every < 1:
+            raise TrainingError("epochs, batch size and save-every must be >= 1, max length >= 8")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"learning rate must be a positive number, got {self.lr}")
+        if not 0 <= self.dev_fraction < 1:
+            raise TrainingError(f"dev fraction must be in [0, 1), got {self.dev_fraction}")
+        if "{rationale}" not in self.target_template:
+            raise TrainingError("the target template must contain {rationale}")
+
+
+def build_example(tokenizer, preceding: str, rationale: str, *,
+                  target_template: str = "{rationale}") -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of chat ``[user: preceding, assistant: target]``; labels are -100 on
+    every prompt token (the rendered ``[user: preceding]`` with generation prompt), the token ids on
+    the target (the reply and the template's end-of-turn). A token spanning the boundary is target."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainingError("the base model's tokenizer has no chat template")
+    user = [{"role": "user", "content": preceding}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    target = target_template.format(rationale=rationale)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": target}], tokenize=False)
+    if not full.startswith(prompt):
+        raise TrainingError("the chat template renders the prompt differently inside a full conversation")
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    labels = [token if end > len(prompt) else -100 for token, (_, end) in zip(ids, encoding["offset_mapping"])]
+    return ids, labels
+
+
+def split_dev(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle with ``seed``; the first ``round(fraction * n)`` (at least 1 when fraction > 0 and
+    n >= 2) go to dev, the rest to train."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, round(fraction * len(order))) if fraction > 0 and len(order) >= 2 else 0
+    return order[n_dev:], order[:n_dev]
+
+
+def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def masked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(sum of -log p(label_t | x_<t) over labelled positions, number of labelled positions)``.
+
+    Logits are computed only at the positions that predict a labelled token (``logits_to_keep`` as
+    a boolean mask), so the masked prompt costs no ``[T, V]`` logits.
+    """
+    device = next(model.parameters()).device
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position p predicts token p + 1
+    targets = labels[:, 1:][keep[:, :-1]].to(device)
+    if not len(targets):
+        raise TrainingError("a training batch has no target tokens (every label is masked)")
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   logits_to_keep=keep.to(device)).logits  # [num_kept, V]
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, len(targets)
+
+
+@torch.no_grad()
+def dev_loss(model, examples: Sequence, pad_id: int, batch_size: int) -> float | None:
+    """Token-weighted mean cross-entropy on the dev examples (None without dev examples)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        loss, n = masked_loss_sum(model, _collate(examples[start : start + batch_size], pad_id))
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def lora_targets(model) -> list[str]:
+    """The attention projections LoRA adapts: q/k/v/o (Llama family) or c_attn (GPT-2)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for group in LORA_TARGETS:
+        found = [n for n in group if n in names]
+        if found:
+            return found
+    raise TrainingError("no attention projections (q_proj/k_proj/v_proj/o_proj or c_attn) found for LoRA")
+
+
+def _cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Build a directory in a temporary sibling, fsync it, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(staging)
+        _fsync_tree(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _checkpoints(sft_dir: Path) -> list[Path]:
+    found = [p for p in sft_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _data_hash(records: Sequence[dict]) -> str:
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([preceding_of(record), record["rationale"]]).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # optimizer steps done in that epoch
+    global_step: int = 0
+    history: list = field(default_factory=list)  # one {"epoch", "train_loss", "dev_loss"} per finished epoch
+    settings: dict = field(default_factory=dict)
+
+
+def train_sft(
+    load_base: Callable[[], tuple[Any, Any]],
+    records: Sequence[dict],
+    sft_dir: Path,
+    config: SFTConfig,
+    *,
+    progress: bool = False,
+    stop_after_steps: int | None = None,
+) -> dict:
+    """Stage 4: fine-tune ``load_base()``'s ``(model, tokenizer)`` on the records; resumable.
+
+    Resumes from the newest ``sft_dir/checkpoint-N`` (model weights as safetensors or a peft adapter,
+    optimizer and scheduler state read with ``torch.load(weights_only=True)``, the epoch order is a
+    function of (seed, epoch) so the remaining batches are the same ones). ``stop_after_steps``
+    stops after that many optimizer steps in this call (after a checkpoint), for tests.
+    """
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    config.validate()
+    sft_dir = Path(sft_dir)
+    if not records:
+        raise TrainingError("no records to train on (the filter kept none: see metrics.json)")
+    settings = {**asdict(config), "data": _data_hash(records), "records": len(records)}
+    for volatile in ("save_every", "keep_checkpoints"):
+        settings.pop(volatile)
+    final = sft_dir / "final"
+    if (sft_dir / "history.json").is_file() and final.is_dir():
+        history = json.loads((sft_dir / "history.json").read_text())
+        if history.get("settings") != settings:
+            raise TrainingError(f"{sft_dir} holds a finished run with other settings: delete it or use a new --out")
+        return {**history, "resumed_finished": True}
+
+    model, tokenizer = load_base()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples, too_long = [], 0
+    for record in records:
+        ids, labels = build_example(tokenizer, preceding_of(record), record["rationale"],
+                                    target_template=config.target_template)
+        if len(ids) > config.max_length:
+            too_long += 1
+        else:
+            examples.append((ids, labels))
+    train, dev = split_dev(examples, config.dev_fraction, config.seed)
+    if not train:
+        raise TrainingError(f"no training examples left ({too_long} longer than max length {config.max_length})")
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+
+    state = _State(settings=settings)
+    checkpoints = _checkpoints(sft_dir)
+    latest = checkpoints[-1] if checkpoints else None
+    if latest is not None:
+        try:
+            saved = json.loads((latest / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"checkpoint {latest} is damaged (state.json: {exc}): delete it to resume "
+                                f"from an earlier one") from exc
+        if saved.get("settings") != settings:
+            raise TrainingError(f"{sft_dir} holds checkpoints made with other settings: delete them or use a new --out")
+        state = _State(**saved)
+
+    if latest is None:
+        torch.manual_seed(config.seed)  # LoRA initialisation and dropout
+    if config.lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if latest is not None:
+            try:
+                model = PeftModel.from_pretrained(model, latest, is_trainable=True)
+            except Exception as exc:
+                raise TrainingError(f"checkpoint {latest} is damaged (adapter: {exc}): delete it") from exc
+        else:
+            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                              target_modules=lora_targets(model), task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+    elif latest is not None:
+        try:
+            weights = load_file(str(latest / "model.safetensors"))
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except Exception as exc:
+            raise TrainingError(f"checkpoint {latest} is damaged (model.safetensors: {exc}): delete it") from exc
+        if unexpected or any(not _is_tied(model, name) for name in missing):
+            raise TrainingError(f"checkpoint {latest} does not match the model (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
+    warmup = int(WARMUP_FRACTION * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total_steps, warmup))
+    if latest is not None:
+        try:
+            optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+            torch.set_rng_state(torch.load(latest / "rng.pt", weights_only=True))
+        except Exception as exc:
+            raise TrainingError(f"checkpoint {latest} is damaged (optimizer/scheduler state: {exc}): delete it") \
+                from exc
+
+    def save_checkpoint() -> None:
+        def write(directory: Path) -> None:
+            # full: the whole model (tied aliases dropped by transformers); LoRA: the adapter only
+            model.save_pretrained(directory, safe_serialization=True, max_shard_size="1000GB")
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+            torch.save(torch.get_rng_state(), directory / "rng.pt")
+            (directory / "state.json").write_text(json.dumps(asdict(state), indent=1))
+
+        _atomic_dir(sft_dir / f"checkpoint-{state.global_step:07d}", write)
+        for old in _checkpoints(sft_dir)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    model.train()
+    steps_this_call = 0
+    bar = tqdm(total=total_steps, initial=state.global_step, desc="sft", disable=not progress)
+    while state.epoch < config.epochs:
+        order = list(range(len(train)))
+        random.Random(config.seed * 1_000_003 + state.epoch).shuffle(order)
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        loss_key = f"epoch{state.epoch}"
+        for batch_index in range(state.step_in_epoch, len(batches)):
+            batch = _collate([train[i] for i in batches[batch_index]], pad_id)
+            loss_sum, count = masked_loss_sum(model, batch)
+            loss = loss_sum / max(count, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            state.step_in_epoch += 1
+            state.global_step += 1
+            _accumulate(state, loss_key, float(loss_sum.detach()), count)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            steps_this_call += 1
+            epoch_done = state.step_in_epoch == len(batches)
+            if epoch_done:
+                totals = state.history.pop() if state.history and state.history[-1].get("open") else None
+                train_loss = totals["sum"] / max(totals["count"], 1) if totals else None
+                state.history.append({"epoch": state.epoch, "train_loss": train_loss,
+                                      "dev_loss": dev_loss(model, dev, pad_id, config.batch_size)})
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            if epoch_done or state.global_step % config.save_every == 0:
+                save_checkpoint()
+            if stop_after_steps is not None and steps_this_call >= stop_after_steps and state.epoch < config.epochs:
+                if not (epoch_done or state.global_step % config.save_every == 0):
+                    save_checkpoint()
+                bar.close()
+                return {"interrupted": True, "global_step": state.global_step}
+    bar.close()
+
+    def write_final(directory: Path) -> None:
+        merged = model.merge_and_unload() if config.lora else model
+        merged.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    if config.lora:
+        _atomic_dir(sft_dir / "adapter", lambda d: model.save_pretrained(d, safe_serialization=True))
+    _atomic_dir(final, write_final)
+    summary = {
+        "train_examples": len(train), "dev_examples": len(dev), "too_long": too_long, "steps": state.global_step,
+        "epochs": state.history, "final_dev_loss": state.history[-1]["dev_loss"], "lora": config.lora,
+        "settings": settings,
+    }
+    atomic_write_text(sft_dir / "history.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _accumulate(state: _State, key: str, loss_sum: float, count: int) -> None:
+    """Running training-loss totals of the open epoch, stored in the history (so they resume too)."""
+    if not state.history or not state.history[-1].get("open"):
+        state.history.append({"open": key, "sum": 0.0, "count": 0})
+    state.history[-1]["sum"] += loss_sum
+    state.history[-1]["count"] += count
+
+
+def _is_tied(model, name: str) -> bool:
+    """Whether a parameter missing from a checkpoint is a tied alias (e.g. lm_head = embed_tokens)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return name in tied
+
+
+# =============================================================================================
+# The pipeline
+
+STAGES = ("extract", "align", "filter", "sft")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything ``guidedecode train rationale`` needs."""
+
+    out: Path
+    data: Path
+    model: str
+    base_model: str | None = None  # SFT base (default: ``model``)
+    records: int | None = None
+    taus: dict[str, float] = field(default_factory=dict)  # per-source tau overrides
+    default_tau: float | None = None  # one tau for every source (else the spec's per-source values)
+    max_new_tokens: int = 384
+    extract_batch_size: int = 8
+    threshold: float = SIMILARITY_THRESHOLD
+    gamma: float = GAMMA
+    device: str | None = None
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, progress: bool = False,
+                 loader: Callable | None = None) -> dict:
+    """Run the requested stages in order (each reads the previous stage's file); return metrics.json."""
+    from guidedecode.backends import HFBackend
+    from guidedecode.models import load_model
+
+    loader = loader or load_model
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise TrainingError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
+    if config.default_tau is not None:
+        validate_tau(config.default_tau)
+    for source, tau in config.taus.items():
+        validate_tau(tau, f"tau for {source}")
+    if not 0 < config.gamma <= 1:
+        raise TrainingError(f"gamma must be in (0, 1], got {config.gamma}")
+    config.sft.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = None
+
+    def scorer_backend():
+        nonlocal backend
+        if backend is None:
+            model, tokenizer = loader(config.model, device=config.device)
+            backend = HFBackend(model, tokenizer, batch_size=max(config.extract_batch_size, 2))
+        return backend
+
+    if "extract" in stages:
+        documents = load_documents(config.data, config.records)
+        check_settings(out, "extract", {"model": config.model, "max_new_tokens": config.max_new_tokens,
+                                        "prompt": _text_hash(EXTRACTION_SYSTEM + repr(EXTRACTION_DEMOS))})
+        counts = extract(scorer_backend(), documents, out / "extract.jsonl", max_new_tokens=config.max_new_tokens,
+                         batch_size=config.extract_batch_size, progress=progress)
+        update_metrics(out, "extract", counts)
+    if "align" in stages:
+        extracted = _stage_input(out / "extract.jsonl", "extract")
+        if config.records is not None:
+            wanted = {d["id"] for d in load_documents(config.data, config.records)}
+            extracted = [row for row in extracted if row["id"] in wanted]
+        update_metrics(out, "align", align(extracted, out / "aligned.jsonl", threshold=config.threshold))
+    if "filter" in stages:
+        aligned = _stage_input(out / "aligned.jsonl", "align")
+        check_settings(out, "filter", {"model": config.model, "gamma": config.gamma,
+                                       "system": _text_hash(FILTER_SYSTEM)})
+        counts = filter_records(scorer_backend(), aligned, out, taus=config.taus, default_tau=config.default_tau,
+                                gamma=config.gamma, progress=progress)
+        update_metrics(out, "filter", counts)
+    if "sft" in stages:
+        kept = _stage_input(out / "filtered.jsonl", "filter")
+        if not kept:
+            metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+            aligned, scored = metrics.get("align", {}), metrics.get("filter", {})
+            raise TrainingError(
+                f"no records to train on: align kept {aligned.get('aligned', '?')} of {aligned.get('documents', '?')} "
+                f"documents ({aligned.get('records', '?')} rationales), the filter kept {scored.get('kept', '?')} of "
+                f"{scored.get('scored', '?')}; see {out / 'metrics.json'}"
+            )
+        base = config.base_model or config.model
+        summary = train_sft(lambda: loader(base, device=config.device), kept, out / "sft", config.sft,
+                            progress=progress)
+        update_metrics(out, "sft", {k: v for k, v in summary.items() if k != "settings"})
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _stage_input(path: Path, stage: str) -> list[dict]:
+    if not path.is_file():
+        raise TrainingError(f"{path} not found: run the '{stage}' stage first (--stage {stage} or all)")
+    return read_jsonl(path)
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
