@@ -17,23 +17,14 @@ def tiny_config(arch: str, *, vocab_size: int = 512, **overrides):
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if arch == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **common)
-    else:
-        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}.get(arch)
-        if cls is None:
-            raise ValueError(f"unknown tiny architecture '{arch}': choose one of {', '.join(TINY_ARCHS)}")
-        config = cls(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-            **common,
-        )
-    for key, value in overrides.items():
-        setattr(config, key, value)
+        return GPT2Config(**{**dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024), **common, **overrides})
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}.get(arch)
+    if cls is None:
+        raise ValueError(f"unknown tiny architecture '{arch}': choose one of {', '.join(TINY_ARCHS)}")
+    # overrides go through the constructor, so derived fields (e.g. qwen2's layer_types) follow them
+    defaults = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+    config = cls(**{**defaults, **common, **overrides})
     return config
 
 

@@ -138,6 +138,29 @@ def _hidden_size(config) -> int:
     raise GuideError(f"cannot find the hidden size of backbone config {type(config).__name__}")
 
 
+def _truncated(base, num_layers: int):
+    """A copy of the base model ``base`` with only its first ``num_layers`` decoder layers."""
+    name = next((n for n in ("layers", "h") if isinstance(getattr(base, n, None), torch.nn.ModuleList)), None)
+    if name is None:
+        raise GuideError(f"cannot truncate {type(base).__name__}: no decoder layer list ('layers' or 'h')")
+    total = len(getattr(base, name))
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
+        raise GuideError(f"num_layers must be an integer in [1, {total}] for this backbone, got {num_layers!r}")
+    layers = getattr(base, name)
+    setattr(base, name, torch.nn.ModuleList(list(layers)[:num_layers]))  # share, then deep-copy the whole
+    try:
+        copied = copy.deepcopy(base)
+    finally:
+        setattr(base, name, layers)
+    config = copied.config
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            setattr(config, key, num_layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+    return copied
+
+
 def _fsync_replace(tmp: str, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
@@ -161,14 +184,16 @@ class ValueModel(torch.nn.Module):
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def from_backbone(cls, model, *, head: str = "v", loss: str = "bce", num_atoms: int | None = None,
-                      init: str = "zero", tokenizer=None) -> "ValueModel":
+                      init: str = "zero", tokenizer=None, num_layers: int | None = None) -> "ValueModel":
         """A value model on a *copy* of ``model``'s base model (the reference model is never shared).
 
         ``model``: an HF causal LM (its base model is used; its ``lm_head`` seeds a Q head with
         ``init="reuse"``), a bare base model (e.g. ``LlamaModel``), or a name for
         :func:`guidedecode.load_model`. ``init``: ``"zero"`` (default; the first collection round),
         ``"reuse"`` (Q only: copies the LM head, the same rows for every atom) or ``"normal"`` (std 0.02).
-        ``tokenizer`` records its fingerprint for :meth:`check_tokenizer`.
+        ``tokenizer`` records its fingerprint for :meth:`check_tokenizer`. ``num_layers`` keeps only the
+        first that many decoder layers (then the final norm): a smaller, cheaper value model that shares
+        the reference's embeddings and tokenizer (Q♯ guides a large model with a small one).
         """
         if isinstance(model, (str, os.PathLike)):
             from guidedecode.models import load_model
@@ -183,6 +208,8 @@ class ValueModel(torch.nn.Module):
             num_atoms = DEFAULT_MLE_ATOMS if loss == "mle" else 1
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         base = getattr(model, "base_model", model)
+        if num_layers is not None:
+            base = _truncated(base, num_layers)
         embeddings = base.get_input_embeddings()
         config = ValueModelConfig(
             head=head, loss=loss, num_atoms=num_atoms, vocab_size=int(embeddings.num_embeddings),
@@ -194,7 +221,7 @@ class ValueModel(torch.nn.Module):
             raise GuideError("init='reuse' copies the LM head into a Q head; a V head takes 'zero' or 'normal'")
         if init == "reuse" and lm_head is None:
             raise GuideError("init='reuse' needs a causal LM with an LM head, got a bare base model")
-        vm = cls(copy.deepcopy(base), config)
+        vm = cls(base if num_layers is not None else copy.deepcopy(base), config)
         with torch.no_grad():
             if init == "zero":
                 vm.head.weight.zero_()

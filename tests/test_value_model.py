@@ -247,3 +247,28 @@ def test_bad_configurations_are_refused():
     vm = ValueModel.from_backbone(model.model, head="q")  # a bare LlamaModel works as a backbone
     assert vm.head.weight.shape == (512, 64) and vm.head.weight.abs().sum() == 0
     assert ValueModel.from_backbone(model, loss="mle").config.num_atoms == 11
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_truncated_backbone_equals_the_first_layers_of_the_full_model(tmp_path, arch):
+    layers = {"n_layer": 3} if arch == "gpt2" else {"num_hidden_layers": 3}
+    model = tiny_model(arch, seed=5, **layers)
+    vm = ValueModel.from_backbone(model, head="v", init="normal", num_layers=2)
+    ids = torch.randint(2, 500, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        base = model.base_model
+        states = base(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True).hidden_states
+        final_norm = base.ln_f if arch == "gpt2" else base.norm
+        expected = final_norm(states[2]) @ vm.head.weight.T  # after 2 of 3 layers, then the final norm
+        got = vm.token_logits(ids, mask)
+    assert torch.allclose(got[mask.bool()], expected[mask.bool()], atol=1e-5)
+    assert len(list(model.base_model.parameters())) > len(list(vm.backbone.parameters()))  # the reference is intact
+    vm.save_pretrained(tmp_path / "vm")
+    loaded = ValueModel.from_pretrained(tmp_path / "vm")
+    with torch.no_grad():
+        assert torch.equal(loaded.token_logits(ids, mask), got)
+    with pytest.raises(GuideError, match="num_layers"):
+        ValueModel.from_backbone(model, num_layers=4)
