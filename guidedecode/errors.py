@@ -23,3 +23,7 @@ class GuideError(GuidedecodeError):
 
 class StrategyError(GuidedecodeError):
     """A step strategy got invalid parameters or inputs."""
+
+
+class TrainingError(GuidedecodeError):
+    """A training run got bad input: malformed or empty data, bad settings, a damaged checkpoint."""

@@ -327,6 +327,27 @@ class ValueModel(torch.nn.Module):
                 f"(fingerprint {fingerprint[:12]} vs {self.config.tokenizer_fingerprint[:12]}); "
                 "the value model must share the reference model's tokenizer")
 
+    def freeze_backbone(self, trainable_layers: int | None) -> list[torch.nn.Parameter]:
+        """Train only the head and the top ``trainable_layers`` decoder layers (with the final norm);
+        ``None`` trains everything, ``0`` the head alone. Returns the trainable parameters."""
+        name = next((n for n in ("layers", "h") if isinstance(getattr(self.backbone, n, None), torch.nn.ModuleList)),
+                    None)
+        total = len(getattr(self.backbone, name)) if name else 0
+        if trainable_layers is None:
+            self.requires_grad_(True)
+            return list(self.parameters())
+        if name is None or not 0 <= trainable_layers <= total:
+            raise GuideError(f"trainable_layers must be in [0, {total}] for this backbone, got {trainable_layers}")
+        self.requires_grad_(False)
+        self.head.requires_grad_(True)
+        if trainable_layers:
+            for layer in list(getattr(self.backbone, name))[total - trainable_layers:]:
+                layer.requires_grad_(True)
+            for norm in ("norm", "ln_f"):
+                if isinstance(getattr(self.backbone, norm, None), torch.nn.Module):
+                    getattr(self.backbone, norm).requires_grad_(True)
+        return [p for p in self.parameters() if p.requires_grad]
+
     # ------------------------------------------------------------------------------------------ head
     @property
     def num_atoms(self) -> int:

@@ -272,3 +272,21 @@ def test_truncated_backbone_equals_the_first_layers_of_the_full_model(tmp_path, 
         assert torch.equal(loaded.token_logits(ids, mask), got)
     with pytest.raises(GuideError, match="num_layers"):
         ValueModel.from_backbone(model, num_layers=4)
+
+
+def test_freeze_backbone_trains_only_the_head_and_top_layers():
+    model = tiny_model("llama", seed=2, num_hidden_layers=3)
+    vm = ValueModel.from_backbone(model, head="v", init="normal")
+    before = {name: p.detach().clone() for name, p in vm.named_parameters()}
+    trainable = vm.freeze_backbone(1)
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    ids = torch.randint(2, 500, (2, 6), generator=torch.Generator().manual_seed(1))
+    vm.token_logits(ids).sum().backward()
+    optimizer.step()
+    changed = {name for name, p in vm.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith(("head", "backbone.layers.2.", "backbone.norm")) for name in changed)
+    assert "head.weight" in changed and any(name.startswith("backbone.layers.2.") for name in changed)
+    assert vm.freeze_backbone(0) == [vm.head.weight]
+    assert len(vm.freeze_backbone(None)) == len(list(vm.parameters()))
+    with pytest.raises(GuideError, match="trainable_layers"):
+        vm.freeze_backbone(4)
