@@ -15,6 +15,9 @@ import click
 
 from guidedecode.training.rationale import (
     DEFAULT_TAUS,
+    EXTRACT_MODES,
+    INSERT_MAX_NEW_TOKENS,
+    REWRITE_MAX_NEW_TOKENS,
     STAGES,
     PipelineConfig,
     SFTConfig,
@@ -68,19 +71,29 @@ TAU_HELP = (
 @click.option("--epochs", default=1, show_default=True, help="SFT passes over the training records")
 @click.option("--lr", default=2e-5, show_default=True, help="AdamW learning rate (cosine schedule, 3% warm-up)")
 @click.option("--batch-size", default=8, show_default=True, help="documents per extraction call and SFT batch size")
-@click.option("--max-new-tokens", default=384, show_default=True, help="token limit of one extraction")
+@click.option("--extract-mode", type=click.Choice(EXTRACT_MODES), default="insert", show_default=True,
+              help="insert: the model writes one rationale per segment boundary from the text before it (works "
+                   "with small models such as the embedded one); rewrite: the paper's whole-document rewrite with "
+                   "the rationales inserted, for larger instruct models")
+@click.option("--max-rationales", default=4, show_default=True,
+              help="insert mode: rationales tried per document, at its first N boundaries (0: every boundary)")
+@click.option("--max-new-tokens", type=int, default=None,
+              help=f"token limit of one generation [default: {INSERT_MAX_NEW_TOKENS} per rationale in insert mode, "
+                   f"{REWRITE_MAX_NEW_TOKENS} per document in rewrite mode]")
 @click.option("--max-length", default=1024, show_default=True, help="longest SFT example in tokens (longer dropped)")
 @click.option("--save-every", default=50, show_default=True, help="SFT optimizer steps between checkpoints")
 @click.option("--threshold", default=0.9, show_default=True, help="alignment: minimum edit similarity")
 @click.option("--seed", default=0, show_default=True, help="dev split, data order and initialisation seed")
 @click.option("--device", default=None, help="torch device (cpu, cuda); default: where the model loads")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, lr, batch_size, max_new_tokens,
-              max_length, save_every, threshold, seed, device, quiet) -> None:
+def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, lr, batch_size, extract_mode,
+              max_rationales, max_new_tokens, max_length, save_every, threshold, seed, device, quiet) -> None:
     """Extract, align, filter and fine-tune on implicit rationales (RATIONALYST, arXiv 2410.01044).
 
     \b
-    extract  the instruct model rewrites each record with <BOT>rationale<EOT> inserted (greedy)
+    extract  mark the rationales as <BOT>rationale<EOT> in each record (greedy): insert mode asks
+             for one rationale per line boundary, given only the text before it; rewrite mode
+             has the model rewrite the whole record with the rationales inserted
     align    keep outputs whose rationale-free text has edit similarity >= 0.9 with the input;
              split into {preceding, rationale, following} records
     filter   keep a record iff S_with - S_without >= tau, S = sum_i 0.9^i log p(following_i | ...)
@@ -92,6 +105,10 @@ def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, 
 
     if records is not None and records < 1:
         raise TrainingError(f"--records must be >= 1, got {records}")
+    if max_rationales < 0:
+        raise TrainingError(f"--max-rationales must be >= 0 (0: every boundary), got {max_rationales}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise TrainingError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     default_tau, per_source = parse_taus(taus)
     data = data or data_dir() / "gsm8k" / "train.jsonl"
     if stage in ("all", "extract") and not Path(data).is_file():
@@ -99,7 +116,8 @@ def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, 
     sft = SFTConfig(lora=lora, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                     save_every=save_every)
     config = PipelineConfig(out=out, data=Path(data), model=model, base_model=base_model, records=records,
-                            taus=per_source, default_tau=default_tau, max_new_tokens=max_new_tokens,
+                            taus=per_source, default_tau=default_tau, extract_mode=extract_mode,
+                            max_rationales=max_rationales or None, max_new_tokens=max_new_tokens,
                             extract_batch_size=batch_size, threshold=threshold, device=device, sft=sft)
     started = time.perf_counter()
     metrics = run_pipeline(config, STAGES if stage == "all" else (stage,), progress=not quiet)

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from guidedecode.backends import HFBackend
+from guidedecode.backends.base import Completion
 from guidedecode.training import rationale as R
 from guidedecode.training.rationale import (
     BOT,
@@ -250,6 +251,190 @@ def test_gsm8k_document_drops_calculator_annotations():
     assert R.gsm8k_document(row) == "Question: Q?\nAnswer: 48/2 = 24 clips.\nThe answer is 72."
 
 
+# ----------------------------------------------------------------------- extraction, insert mode
+
+INSERT_DOC = {
+    "id": "ins0", "source": "gsm8k",
+    "text": ("Question: Ann has 7 red kites and 4 blue kites. She loses 2. How many kites are left?\n"
+             "Answer: Ann has 7 + 4 = 11 kites.\n"
+             "After losing 2 she has 11 - 2 = 9 kites.\n"
+             "The answer is 9."),
+}
+# the segments of INSERT_DOC, written out by hand: boundaries after "Answer: " and at each line start
+INSERT_SEGMENTS = [
+    "Question: Ann has 7 red kites and 4 blue kites. She loses 2. How many kites are left?\nAnswer: ",
+    "Ann has 7 + 4 = 11 kites.\n",
+    "After losing 2 she has 11 - 2 = 9 kites.\n",
+    "The answer is 9.",
+]
+
+
+class ScriptedBackend(HFBackend):
+    """A real HFBackend (real tokenizer and chat template) whose greedy() returns scripted completions.
+
+    ``reply(prompt) -> (text, finish_reason)``; texts stopped by a stop string keep it, as HFBackend does.
+    Every greedy() call's prompts and arguments are recorded.
+    """
+
+    def __init__(self, model, tokenizer, reply):
+        super().__init__(model, tokenizer, batch_size=4)
+        self.reply, self.calls = reply, []
+
+    def greedy(self, prompts, *, max_new_tokens=256, stop=None):
+        self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens, "stop": stop})
+        completions = []
+        for prompt in prompts:
+            text, finish = self.reply(prompt)
+            completions.append(Completion(text=text, token_ids=self.encode(text) if text else [], finish_reason=finish))
+        return completions
+
+
+def preceding_in(prompt):
+    """The last user message of an insertion prompt (the text the model continues from)."""
+    return prompt.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+
+
+def test_segment_boundaries():
+    text = INSERT_DOC["text"]
+    offsets = [len("".join(INSERT_SEGMENTS[:k])) for k in range(1, len(INSERT_SEGMENTS))]
+    assert R.segment_boundaries(text) == offsets
+    # blank lines and a label with nothing after it on its line give no boundary of their own
+    assert R.segment_boundaries("Q?\n\nAnswer:\n2 + 3 = 5.\n") == [len("Q?\n\nAnswer:\n")]
+    # a one-line text is cut at sentence starts
+    assert R.segment_boundaries("One. Two!  Three? Four") == [5, 11, 18]
+    assert R.segment_boundaries("No boundary here.") == []
+
+
+def test_insertion_prompt_is_prefilled_and_hides_the_following_segment(tiny, tmp_path):
+    model, tokenizer = tiny
+    backend = ScriptedBackend(model, tokenizer, lambda prompt: ("Because.<EOT>", "stop"))
+    R.extract_insert(backend, [INSERT_DOC], tmp_path / "extract.jsonl", max_rationales=None)
+    (call,) = backend.calls
+    assert call["stop"] == R.INSERT_STOPS and call["max_new_tokens"] == R.INSERT_MAX_NEW_TOKENS
+    assert len(call["prompts"]) == len(INSERT_SEGMENTS) - 1
+    for k, prompt in enumerate(call["prompts"], 1):
+        preceding = "".join(INSERT_SEGMENTS[:k]).strip()
+        messages = R.insertion_messages(preceding)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert prompt == rendered + BOT and prompt.endswith("<|im_start|>assistant\n<BOT>")
+        assert preceding_in(prompt) == preceding
+        for later in INSERT_SEGMENTS[k:]:
+            assert later.strip() not in prompt
+    # the demos show the reply format the model is to continue: <BOT>rationale<EOT>
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(R.INSERTION_DEMOS) + ["user"]
+    assert all(m["content"].startswith(BOT) and m["content"].endswith(EOT) for m in messages[2:-1:2])
+
+
+def test_assembly_puts_rationales_exactly_at_the_boundaries(tiny, tmp_path):
+    model, tokenizer = tiny
+    rationales = {  # keyed by the last words the model sees
+        "How many kites are left?\nAnswer:": " First count all the kites. <EOT>",
+        "= 11 kites.": "Losing kites means subtracting.<EOT>",
+        "= 9 kites.": "The kites left answer the question.",  # ended by EOS, no <EOT>
+    }
+
+    def reply(prompt):
+        (text,) = [r for end, r in rationales.items() if preceding_in(prompt).endswith(end)]
+        return text, "stop" if text.endswith(EOT) else "eos"
+
+    backend = ScriptedBackend(model, tokenizer, reply)
+    counts = R.extract_insert(backend, [INSERT_DOC], tmp_path / "extract.jsonl", max_rationales=None)
+    (row,) = R.read_jsonl(tmp_path / "extract.jsonl")
+    s = INSERT_SEGMENTS
+    expected = (s[0] + "<BOT>First count all the kites.<EOT>" + s[1] + "<BOT>Losing kites means subtracting.<EOT>"
+                + s[2] + "<BOT>The kites left answer the question.<EOT>" + s[3])
+    assert row["output"] == expected
+    assert row["mode"] == "insert" and row["text"] == INSERT_DOC["text"]
+    assert {"id", "source", "text", "output", "finish_reason"} <= set(row)
+    assert counts["boundaries"] == 3 and counts["rationales"] == 3 and counts["skipped"] == {}
+    # align recovers the original segments around each rationale, at similarity 1
+    records, outcome = align_document(row)
+    assert outcome == "aligned"
+    assert [(r["preceding"], r["rationale"], r["following"]) for r in records] == [
+        (s[0].strip(), "First count all the kites.", s[1].strip()),
+        ((s[0] + s[1]).strip(), "Losing kites means subtracting.", s[2].strip()),
+        ((s[0] + s[1] + s[2]).strip(), "The kites left answer the question.", s[3].strip()),
+    ]
+    assert all(r["similarity"] == 1.0 for r in records)
+    # --max-rationales 2: only the first two boundaries are asked about
+    backend = ScriptedBackend(model, tokenizer, reply)
+    counts = R.extract_insert(backend, [INSERT_DOC], tmp_path / "two.jsonl", max_rationales=2)
+    assert counts["boundaries"] == 2 and len(backend.calls[0]["prompts"]) == 2
+    assert R.read_jsonl(tmp_path / "two.jsonl")[0]["output"] == expected.split(s[2])[0] + s[2] + s[3]
+
+
+def test_assemble_matches_a_hand_built_string():
+    assert R.assemble("abcdef", [(0, "x"), (3, "y"), (6, "z")]) == "<BOT>x<EOT>abc<BOT>y<EOT>def<BOT>z<EOT>"
+    assert R.assemble("abc", []) == "abc"
+    with pytest.raises(TrainingError, match="offsets"):
+        R.assemble("abc", [(2, "x"), (1, "y")])
+
+
+def test_degenerate_rationales_are_skipped_and_counted(tiny, tmp_path):
+    model, tokenizer = tiny
+    s = INSERT_SEGMENTS
+    replies = iter([  # the prompts come document by document, boundary by boundary
+        ("x" * (R.MAX_RATIONALE_CHARS + 1) + EOT, "stop"),  # too long
+        (f"  After losing 2 she has   11 - 2 = 9 kites. {EOT}", "stop"),  # the next segment, copied
+        ("The answer is about to", "length"),  # the token limit came first
+        (f"Count them.{EOT}", "stop"),
+        ("   <EOT>", "stop"),  # empty
+        (f"a {BOT} b{EOT}", "stop"),  # a nested marker
+    ])
+    docs = [INSERT_DOC, {**INSERT_DOC, "id": "ins1"}]
+    backend = ScriptedBackend(model, tokenizer, lambda prompt: next(replies))
+    counts = R.extract_insert(backend, docs, tmp_path / "extract.jsonl", max_rationales=None, batch_size=2)
+    assert len(backend.calls) == 1 and len(backend.calls[0]["prompts"]) == 6  # both documents in one call
+    assert counts["boundaries"] == 6 and counts["rationales"] == 1
+    assert counts["skipped"] == {"copies_next": 1, "empty": 1, "has_bot": 1, "too_long": 1, "unfinished": 1}
+    assert counts["documents_with_rationale"] == 1
+    assert counts["finish_reasons"] == {"stop": 5, "length": 1}
+    rows = R.read_jsonl(tmp_path / "extract.jsonl")
+    assert rows[0]["output"] == INSERT_DOC["text"]  # nothing kept: the text unchanged
+    assert rows[1]["output"] == s[0] + "<BOT>Count them.<EOT>" + s[1] + s[2] + s[3]
+    assert [i["outcome"] for i in rows[0]["insertions"]] == ["too_long", "copies_next", "unfinished"]
+    assert R.align(rows, tmp_path / "aligned.jsonl")["no_rationale"] == 1
+
+
+@pytest.mark.parametrize("generated,next_segment,outcome,rationale", [
+    (" Why so. <EOT> tail", "Next.", "kept", "Why so."),
+    ("Line one\nline two", "Next.", "kept", "Line one"),
+    ("\nstarts with a break", "Next.", "empty", ""),
+    ("Next.", "Next.", "copies_next", "Next."),
+    ("So: Next  step. ok", "Next step.", "copies_next", "So: Next  step. ok"),
+    ("Next", "Next step.", "kept", "Next"),  # a prefix of the next segment is no copy of it
+])
+def test_clean_rationale(generated, next_segment, outcome, rationale):
+    assert R.clean_rationale(generated, next_segment) == (rationale, outcome)
+
+
+def test_insert_extraction_resumes_with_identical_files(backend, tmp_path):
+    docs = [{"id": f"g{i}", "source": "gsm8k",
+             "text": f"Question: what is {i} + {i}?\nAnswer: {i} + {i} = {2 * i}.\nThe answer is {2 * i}."}
+            for i in range(4)]
+    full = R.extract_insert(backend, docs, tmp_path / "full.jsonl", max_new_tokens=5, batch_size=2)
+    part = tmp_path / "part.jsonl"
+    R.extract_insert(backend, docs[:2], part, max_new_tokens=5, batch_size=2)  # "interrupted" after one batch
+    first_two = part.read_bytes()
+    counts = R.extract_insert(backend, docs, part, max_new_tokens=5, batch_size=2)
+    assert counts["generated_now"] == 2 and counts["documents"] == 4 and counts["boundaries"] == 8
+    assert part.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+    assert part.read_bytes().startswith(first_two)
+    assert {k: v for k, v in counts.items() if k != "generated_now"} == \
+        {k: v for k, v in full.items() if k != "generated_now"}
+    # nothing left to do: no generation, same file
+    again = R.extract_insert(ScriptedBackend(backend.model, backend.tokenizer, None), docs, part, max_new_tokens=5)
+    assert again["generated_now"] == 0 and part.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+    # a file from the other mode is refused by both modes
+    with pytest.raises(TrainingError, match="another extraction mode"):
+        extract(backend, docs, part, max_new_tokens=5)
+    R.write_jsonl(tmp_path / "rewrite.jsonl", [{**docs[0], "output": docs[0]["text"], "finish_reason": "eos"}])
+    with pytest.raises(TrainingError, match="another extraction mode"):
+        R.extract_insert(backend, docs, tmp_path / "rewrite.jsonl")
+    with pytest.raises(TrainingError, match="max-rationales"):
+        R.extract_insert(backend, docs, tmp_path / "x.jsonl", max_rationales=-1)
+
+
 # -------------------------------------------------------------------------------------- SFT
 
 
@@ -414,7 +599,8 @@ def test_cli_end_to_end_on_tiny_model(tiny_dir, gsm8k_rows, tmp_path):
     R.write_jsonl(out / "extract.jsonl", [{**d, "output": annotate(d["text"]), "finish_reason": "eos"}
                                           for d in documents[:2]])
     args = ["--model", tiny_dir, "--data", data, "--out", out, "--records", 4, "--tau", "-1000",
-            "--max-new-tokens", 4, "--batch-size", 4, "--epochs", 1, "--lr", 1e-3, "--quiet"]
+            "--extract-mode", "rewrite", "--max-new-tokens", 4, "--batch-size", 4, "--epochs", 1, "--lr", 1e-3,
+            "--quiet"]
     result = invoke(args)
     assert result.exception is None, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -442,8 +628,10 @@ def test_cli_help_lists_the_options():
 
     result = CliRunner().invoke(rationale, ["--help"])
     assert result.exit_code == 0
+    assert "rewrite" in result.output and "larger instruct models" in result.output
     for option in ("--model", "--data", "--out", "--records", "--tau", "--lora", "--full", "--epochs", "--lr",
-                   "--batch-size", "--max-new-tokens", "--seed", "--device", "--stage"):
+                   "--batch-size", "--max-new-tokens", "--seed", "--device", "--stage", "--extract-mode",
+                   "--max-rationales"):
         assert option in result.output
 
 
@@ -473,8 +661,51 @@ def test_cli_reports_when_no_rationale_survives(tiny_dir, gsm8k_rows, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows[:2]))
     out = tmp_path / "run"
-    result = invoke(["--model", tiny_dir, "--data", data, "--out", out, "--max-new-tokens", 3, "--quiet"])
+    result = invoke(["--model", tiny_dir, "--data", data, "--out", out, "--extract-mode", "rewrite",
+                     "--max-new-tokens", 3, "--quiet"])
     assert isinstance(result.exception, TrainingError)
     assert "align kept 0 of 2 documents" in str(result.exception)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["align"]["no_rationale"] + metrics["align"]["malformed"] == 2
+
+
+def test_cli_insert_mode_end_to_end_on_tiny_model(tiny, tiny_dir, gsm8k_rows, tmp_path):
+    """Insert mode through the CLI: two documents extracted earlier (scripted, sensible rationales),
+    the other two by the tiny model; align, filter and SFT run unchanged on the result."""
+    model, tokenizer = tiny
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows))
+    out = tmp_path / "run"
+    documents = R.load_documents(data)
+    scripted = ScriptedBackend(model, tokenizer, lambda prompt: ("This step follows from the one before.<EOT>", "stop"))
+    earlier = R.extract_insert(scripted, documents[:2], out / "extract.jsonl", max_rationales=3, max_new_tokens=4)
+    assert earlier["rationales"] >= 2
+    args = ["--model", tiny_dir, "--data", data, "--out", out, "--records", 4, "--tau", "-1000",
+            "--extract-mode", "insert", "--max-rationales", 3, "--max-new-tokens", 4, "--batch-size", 4,
+            "--epochs", 1, "--lr", 1e-3, "--quiet"]
+    result = invoke(args)
+    assert result.exception is None, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    extracted = metrics["extract"]
+    assert extracted["mode"] == "insert" and extracted["documents"] == 4 and extracted["generated_now"] == 2
+    expected_boundaries = sum(min(3, len(R.segment_boundaries(d["text"]))) for d in documents[:4])
+    assert extracted["boundaries"] == expected_boundaries
+    assert extracted["rationales"] + sum(extracted["skipped"].values()) == expected_boundaries
+    assert extracted["rationales"] >= earlier["rationales"]
+    assert json.loads((out / "settings.json").read_text())["extract"]["mode"] == "insert"
+    rows = R.read_jsonl(out / "extract.jsonl")
+    assert all(R.strip_rationales(row["output"]) == row["text"] for row in rows)
+    assert metrics["align"]["aligned"] == extracted["documents_with_rationale"] >= 2
+    assert all(r["similarity"] == 1.0 for r in R.read_jsonl(out / "aligned.jsonl"))
+    assert metrics["filter"]["scored"] == metrics["align"]["records"] == metrics["filter"]["kept"]
+    assert metrics["sft"]["train_examples"] + metrics["sft"]["dev_examples"] == metrics["filter"]["kept"]
+    assert (out / "sft" / "final" / "config.json").is_file()
+    # a rerun finds everything done; another mode or rationale count on the same directory is refused
+    before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+    assert invoke(args).exception is None
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
+    for change in (["--extract-mode", "rewrite"], ["--max-rationales", 2]):
+        result = invoke(args + change)
+        assert isinstance(result.exception, TrainingError) and "other settings" in str(result.exception), change
+    result = invoke(args + ["--max-rationales", -1])
+    assert isinstance(result.exception, TrainingError) and "--max-rationales" in str(result.exception)

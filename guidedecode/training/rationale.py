@@ -4,9 +4,19 @@ RATIONALYST (D. Jiang et al., arXiv 2410.01044, ACL 2025) mines the implicit rat
 consecutive text segments and trains a model to write them. The pipeline has four stages, each a
 function with files between them in one output directory (``spec: rationalyst.md`` Sections 4-5):
 
-1. **extract** - an instruct model rewrites each document unchanged but inserts the unstated
-   rationales as ``<BOT>rationale<EOT>`` (our own system prompt + two GSM8K-style demos).
-   Output: ``extract.jsonl`` (one row per document: ``id, source, text, output, finish_reason``).
+1. **extract** - the document with its unstated rationales marked as ``<BOT>rationale<EOT>``,
+   written by an instruct model in one of two modes:
+
+   - ``rewrite`` (the paper's): the model rewrites the whole document unchanged but inserts the
+     rationales (our own system prompt + two GSM8K-style demos). Needs a capable instruct model.
+   - ``insert`` (ours, for small models): the document is cut into segments (lines; sentences for
+     a one-line text) and for each of the first M boundaries the model is shown only the text
+     *before* the boundary and writes one rationale, its reply prefilled with ``<BOT>`` and stopped
+     at ``<EOT>`` or a line break. We insert the rationales ourselves, so the output is the
+     original text plus the rationales (edit similarity 1.0 in step 2).
+
+   Output: ``extract.jsonl`` (one row per document: ``id, source, text, output, finish_reason``;
+   insert mode adds ``mode`` and the per-boundary ``insertions``).
 2. **align** - strip every ``<BOT>..<EOT>`` span; keep the document iff
    ``1 - levenshtein(text, stripped) / len(text) >= 0.9``; split the output at each rationale into
    ``{preceding, rationale, following}`` where ``preceding`` is all text before the rationale
@@ -48,7 +58,7 @@ from typing import Any
 
 import torch
 
-from guidedecode.errors import GuidedecodeError
+from guidedecode.errors import TrainingError
 
 BOT, EOT = "<BOT>", "<EOT>"
 GAMMA = 0.9
@@ -62,14 +72,6 @@ DEFAULT_TAU = 0.0
 LORA_TARGETS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("c_attn",))
 
 _SPAN = re.compile(re.escape(BOT) + "(.*?)" + re.escape(EOT), re.DOTALL)
-
-
-class TrainingError(GuidedecodeError):
-    """A training run got bad input: missing or malformed data, bad parameters, a damaged checkpoint.
-
-    (Defined here because errors.py has no training class yet; a shared ``TrainingError`` in
-    ``guidedecode.errors`` would replace it.)
-    """
 
 
 # =============================================================================================
@@ -239,6 +241,8 @@ def extract(
         raise TrainingError("--max-new-tokens and --batch-size must be >= 1")
     path = Path(path)
     done = {row["id"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    if any(row.get("mode", "rewrite") != "rewrite" for row in done.values()):
+        raise TrainingError(f"{path} holds rows of another extraction mode: use a new --out")
     todo = [d for d in documents if d["id"] not in done]
     bar = tqdm(total=len(documents), initial=len(documents) - len(todo), desc="extract", disable=not progress)
     for start in range(0, len(todo), batch_size):
@@ -254,6 +258,195 @@ def extract(
         "documents": len(wanted),
         "generated_now": len(todo),
         "finish_reasons": dict(Counter(row["finish_reason"] for row in wanted)),
+    }
+
+
+# =============================================================================================
+# Stage 1, insert mode: one rationale per segment boundary
+
+EXTRACT_MODES = ("insert", "rewrite")
+INSERT_MAX_NEW_TOKENS = 48  # one rationale is one short sentence
+REWRITE_MAX_NEW_TOKENS = 384
+MAX_RATIONALE_CHARS = 300
+INSERT_STOPS = (EOT, "\n")  # a rationale ends at <EOT>; it is one line, so a line break ends it too
+
+INSERTION_SYSTEM = (
+    "You read the beginning of a text and write the unstated rationale that leads to its next step: "
+    "one short sentence saying what should come next and why "
+    '(for example "To find X, we need to ..."). Do not repeat the text. '
+    f"Write the rationale between {BOT} and {EOT}."
+)
+
+# (text before the boundary, the rationale for what comes next): three short GSM8K-style cases,
+# one for each kind of boundary (after "Answer:", between two steps, before the final answer).
+INSERTION_DEMOS: tuple[tuple[str, str], ...] = (
+    (
+        "Question: A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?\nAnswer:",
+        "To find how many muffins are left, we first need how many were sold, which is 3/4 of 24.",
+    ),
+    (
+        "Question: Lily has 5 boxes with 8 pencils each. She gives away 12 pencils. How many pencils does "
+        "she have now?\nAnswer: Lily has 5 * 8 = 40 pencils.",
+        "She gave some pencils away, so we subtract the 12 given pencils from the 40 she had.",
+    ),
+    (
+        "Question: Tom reads 15 pages a day. How many days does he need for a 120-page book?\n"
+        "Answer: He needs 120 / 15 = 8 days.",
+        "The number of days is what the question asks for, so 8 is the final answer.",
+    ),
+)
+
+_LINE_LABEL = re.compile(r"(?:Answer|Solution)[ \t]*:[ \t]*")
+_SENTENCE_GAP = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+def segment_boundaries(text: str) -> list[int]:
+    """Character offsets at which a rationale can be inserted, increasing, each with text before it.
+
+    A multi-line text is cut at line starts (blank lines skipped); a line that opens with an
+    ``Answer:`` / ``Solution:`` label is cut after the label, so ``Question..\\nAnswer: 2+3=5``
+    gives one boundary, just before ``2+3=5`` (a line holding only the label gives none). A
+    one-line text is cut at sentence starts (after ``.``, ``!`` or ``?`` and whitespace). The
+    segments are ``text[b_k:b_{k+1}]``; inserting ``<BOT>r<EOT>`` at ``b_k`` makes ``align``
+    recover exactly these segments.
+    """
+    boundaries = []
+    for newline in re.finditer("\n", text):
+        start = newline.end()
+        line_end = text.find("\n", start)
+        line = text[start : line_end if line_end >= 0 else len(text)]
+        if not line.strip():
+            continue
+        label = _LINE_LABEL.match(text, start)
+        if label:
+            if not text[label.end() : start + len(line)].strip():
+                continue  # a bare "Answer:" line: the boundary is at the next line
+            start = label.end()
+        boundaries.append(start)
+    if not boundaries:
+        boundaries = [gap.end() for gap in _SENTENCE_GAP.finditer(text)]
+    return [b for b in boundaries if text[:b].strip() and text[b:].strip()]
+
+
+def insertion_messages(preceding: str) -> list[dict]:
+    """The chat for one boundary: system prompt, the three demos, then the text before the boundary."""
+    messages = [{"role": "system", "content": INSERTION_SYSTEM}]
+    for before, rationale in INSERTION_DEMOS:
+        messages += [{"role": "user", "content": before},
+                     {"role": "assistant", "content": f"{BOT}{rationale}{EOT}"}]
+    return messages + [{"role": "user", "content": preceding.strip()}]
+
+
+def insertion_prompt(backend, preceding: str) -> str:
+    """The rendered chat (with the assistant's turn opened) and the reply prefilled with ``<BOT>``."""
+    return backend.chat_prompt(insertion_messages(preceding)) + BOT
+
+
+def clean_rationale(generated: str, next_segment: str, *, finish_reason: str = "stop",
+                    max_chars: int = MAX_RATIONALE_CHARS) -> tuple[str, str]:
+    """``(rationale, outcome)`` for one generation (the text after the prefilled ``<BOT>``).
+
+    The text is cut at the first ``<EOT>`` or line break (a rationale is inserted inline) and
+    stripped. ``outcome`` is ``"kept"`` or why it is skipped: ``unfinished`` (the token limit came
+    first: ``finish_reason == "length"``), ``empty``, ``has_bot`` (a nested ``<BOT>``), ``too_long``
+    (> ``max_chars``), or ``copies_next`` (the next segment, whitespace-normalised, is the
+    rationale or inside it).
+    """
+    rationale = generated.split(EOT, 1)[0].split("\n", 1)[0].strip()
+    if finish_reason == "length":
+        return rationale, "unfinished"
+    if not rationale:
+        return rationale, "empty"
+    if BOT in rationale:
+        return rationale, "has_bot"
+    if len(rationale) > max_chars:
+        return rationale, "too_long"
+    following = " ".join(next_segment.split())
+    if following and following in " ".join(rationale.split()):
+        return rationale, "copies_next"
+    return rationale, "kept"
+
+
+def assemble(text: str, insertions: Sequence[tuple[int, str]]) -> str:
+    """``text`` with ``<BOT>r<EOT>`` inserted at each ``(offset, r)`` (offsets increasing)."""
+    pieces, last = [], 0
+    for offset, rationale in insertions:
+        if not last <= offset <= len(text):
+            raise TrainingError(f"insertion offsets must increase within the text, got {offset} after {last}")
+        pieces += [text[last:offset], f"{BOT}{rationale}{EOT}"]
+        last = offset
+    return "".join(pieces) + text[last:]
+
+
+def extract_insert(
+    backend,
+    documents: Sequence[dict],
+    path: Path,
+    *,
+    max_rationales: int | None = 4,
+    max_new_tokens: int = INSERT_MAX_NEW_TOKENS,
+    max_chars: int = MAX_RATIONALE_CHARS,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
+    """Insert-mode extraction for the documents not yet in ``path``; resumable like :func:`extract`.
+
+    For every document, the first ``max_rationales`` boundaries of :func:`segment_boundaries`
+    (``None`` or 0: all) each get one greedy generation from :func:`insertion_prompt` (stops
+    ``<EOT>`` and line break, ``max_new_tokens``); the boundaries of ``batch_size`` documents go to one
+    ``backend.greedy`` call. Kept rationales are inserted with :func:`assemble`; every generation
+    is recorded in the row's ``insertions`` (offset, generated text, finish reason, outcome).
+    """
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1 or batch_size < 1 or max_chars < 1:
+        raise TrainingError("--max-new-tokens, --batch-size and the rationale length limit must be >= 1")
+    if max_rationales is not None and max_rationales < 0:
+        raise TrainingError(f"--max-rationales must be >= 0 (0: every boundary), got {max_rationales}")
+    path = Path(path)
+    done = {row["id"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    other = [i for i, row in done.items() if row.get("mode") != "insert"]
+    if other:
+        raise TrainingError(f"{path} holds rows of another extraction mode (e.g. {other[0]}): use a new --out")
+    todo = [d for d in documents if d["id"] not in done]
+    bar = tqdm(total=len(documents), initial=len(documents) - len(todo), desc="extract", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        jobs = []  # (document index in chunk, offset, next segment)
+        for index, document in enumerate(chunk):
+            text = document["text"]
+            boundaries = segment_boundaries(text)
+            ends = boundaries[1:] + [len(text)]
+            pairs = list(zip(boundaries, ends))[: max_rationales or None]
+            jobs += [(index, offset, text[offset:end]) for offset, end in pairs]
+        prompts = [insertion_prompt(backend, chunk[index]["text"][:offset]) for index, offset, _ in jobs]
+        completions = backend.greedy(prompts, max_new_tokens=max_new_tokens, stop=INSERT_STOPS) if prompts else []
+        rows = [{**document, "mode": "insert", "insertions": []} for document in chunk]
+        for (index, offset, next_segment), completion in zip(jobs, completions):
+            rationale, outcome = clean_rationale(completion.text, next_segment,
+                                                 finish_reason=completion.finish_reason, max_chars=max_chars)
+            rows[index]["insertions"].append({"offset": offset, "generated": completion.text, "rationale": rationale,
+                                              "finish_reason": completion.finish_reason, "outcome": outcome})
+        for row in rows:
+            kept = [(i["offset"], i["rationale"]) for i in row["insertions"] if i["outcome"] == "kept"]
+            row["output"] = assemble(row["text"], kept)
+            row["finish_reason"] = ",".join(sorted({i["finish_reason"] for i in row["insertions"]})) or "no_boundary"
+            done[row["id"]] = row
+        write_jsonl(path, done.values())
+        bar.update(len(chunk))
+    bar.close()
+    wanted = [done[d["id"]] for d in documents]
+    insertions = [i for row in wanted for i in row["insertions"]]
+    outcomes = Counter(i["outcome"] for i in insertions)
+    return {
+        "mode": "insert",
+        "documents": len(wanted),
+        "generated_now": len(todo),
+        "boundaries": len(insertions),
+        "rationales": outcomes.pop("kept", 0),
+        "skipped": dict(sorted(outcomes.items())),
+        "documents_with_rationale": sum(BOT in row["output"] for row in wanted),
+        "finish_reasons": dict(Counter(i["finish_reason"] for i in insertions)),
     }
 
 
@@ -854,7 +1047,10 @@ class PipelineConfig:
     records: int | None = None
     taus: dict[str, float] = field(default_factory=dict)  # per-source tau overrides
     default_tau: float | None = None  # one tau for every source (else the spec's per-source values)
-    max_new_tokens: int = 384
+    extract_mode: str = "insert"  # "insert" (one rationale per boundary) or "rewrite" (whole document)
+    max_rationales: int | None = 4  # insert mode: the first M boundaries of a document (None or 0: all)
+    max_new_tokens: int | None = None  # token limit of one generation (None: 48 insert, 384 rewrite)
+    max_rationale_chars: int = MAX_RATIONALE_CHARS  # insert mode: longer rationales are skipped
     extract_batch_size: int = 8
     threshold: float = SIMILARITY_THRESHOLD
     gamma: float = GAMMA
@@ -878,6 +1074,10 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
         validate_tau(tau, f"tau for {source}")
     if not 0 < config.gamma <= 1:
         raise TrainingError(f"gamma must be in (0, 1], got {config.gamma}")
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise TrainingError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    if config.extract_mode not in EXTRACT_MODES:
+        raise TrainingError(f"unknown extraction mode {config.extract_mode!r}: choose from {', '.join(EXTRACT_MODES)}")
     config.sft.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -892,10 +1092,22 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
 
     if "extract" in stages:
         documents = load_documents(config.data, config.records)
-        check_settings(out, "extract", {"model": config.model, "max_new_tokens": config.max_new_tokens,
-                                        "prompt": _text_hash(EXTRACTION_SYSTEM + repr(EXTRACTION_DEMOS))})
-        counts = extract(scorer_backend(), documents, out / "extract.jsonl", max_new_tokens=config.max_new_tokens,
-                         batch_size=config.extract_batch_size, progress=progress)
+        if config.extract_mode == "insert":
+            max_new_tokens = config.max_new_tokens or INSERT_MAX_NEW_TOKENS
+            check_settings(out, "extract", {"mode": "insert", "model": config.model, "max_new_tokens": max_new_tokens,
+                                            "max_rationales": config.max_rationales or None,
+                                            "max_rationale_chars": config.max_rationale_chars,
+                                            "prompt": _text_hash(INSERTION_SYSTEM + repr(INSERTION_DEMOS))})
+            counts = extract_insert(scorer_backend(), documents, out / "extract.jsonl",
+                                    max_rationales=config.max_rationales, max_new_tokens=max_new_tokens,
+                                    max_chars=config.max_rationale_chars, batch_size=config.extract_batch_size,
+                                    progress=progress)
+        else:
+            max_new_tokens = config.max_new_tokens or REWRITE_MAX_NEW_TOKENS
+            check_settings(out, "extract", {"mode": "rewrite", "model": config.model, "max_new_tokens": max_new_tokens,
+                                            "prompt": _text_hash(EXTRACTION_SYSTEM + repr(EXTRACTION_DEMOS))})
+            counts = extract(scorer_backend(), documents, out / "extract.jsonl", max_new_tokens=max_new_tokens,
+                             batch_size=config.extract_batch_size, progress=progress)
         update_metrics(out, "extract", counts)
     if "align" in stages:
         extracted = _stage_input(out / "extract.jsonl", "extract")
