@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--etas", type=float, nargs="+", default=[1.0, 10.0], help="qsharp suite: guidance strengths")
     parser.add_argument("--rationale-model", default=None, help="strategies suite: trained rationale model directory")
     parser.add_argument("--only", nargs="+", default=None, help="run only these method labels")
+    parser.add_argument("--name", default=None, help="result name (default evidence-<suite>-<task>[-<only>])")
     parser.add_argument("--out", default=None, help="run directories (default benchmarks/results/evidence/<suite>-<task>)")
     args = parser.parse_args()
     if args.suite == "qsharp" and not args.value_model:
@@ -115,7 +116,7 @@ def main() -> None:
         ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
         ax.set_ylabel(f"accuracy (mean pass@1, 95% CI) on {args.task}")
 
-    name = f"evidence-{args.suite}-{args.task}" + ("-" + "-".join(args.only) if args.only else "")
+    name = args.name or f"evidence-{args.suite}-{args.task}" + ("-" + "-".join(args.only) if args.only else "")
     path = write_result(name, {"suite": args.suite, "task": args.task, "model": args.model, "limit": args.limit,
                                "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
                                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "rows": rows,
