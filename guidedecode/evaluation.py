@@ -22,6 +22,9 @@ from pathlib import Path
 
 from guidedecode.errors import GuidedecodeError
 from guidedecode.metrics import majority_correct, mean_ci, pass_at_k, solved_at_ks, trial_histogram, trial_index
+from guidedecode.records import append_jsonl as _append_lines
+from guidedecode.records import read_jsonl as read_results
+from guidedecode.records import write_json as _atomic_write_json
 
 TIMING_FIELDS = ("seconds", "tokens_per_second")
 # Per-sequence figures a guide may attach to its completions (``Completion.info``); recorded per
@@ -218,40 +221,6 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
     summary["seconds"] = seconds
     summary["tokens_per_second"] = summary["tokens_generated"] / seconds if seconds > 0 else None
     return summary
-
-
-def read_results(path: Path) -> list[dict]:
-    """Records of a results file; a torn (partially written) last line is dropped from the file."""
-    if not path.exists():
-        return []
-    records, good_bytes = [], 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break
-            good_bytes += len(line)
-    if good_bytes != path.stat().st_size:
-        with open(path, "r+b") as handle:
-            handle.truncate(good_bytes)
-    return records
-
-
-def _append_lines(path: Path, records: list[dict]) -> None:
-    if not records:
-        return
-    data = "".join(json.dumps(r) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def _check_or_write_config(path: Path, config: EvalConfig) -> None:

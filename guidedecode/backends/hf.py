@@ -39,7 +39,7 @@ class HFBackend:
         self.logits_processor = list(logits_processor or [])
         self.stats = BackendStats()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -478,7 +478,9 @@ def _resolve_scoring_plan(model) -> ScoringPlan:
 
 
 
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The full end-of-sequence set: ``generation_config.eos_token_id`` (an int or a list) plus the
+    tokenizer's own EOS (Llama-3-style models stop on several ids)."""
     ids: set[int] = set()
     configured = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(configured, int):

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from guidedecode.errors import GuideError, TrainingError
+from guidedecode.records import append_jsonl, read_jsonl, write_json
 
 HEADS = ("v", "q")
 LOSSES = ("bce", "mse", "mle")
@@ -175,18 +176,13 @@ class Policy:
     @classmethod
     def from_model(cls, model, tokenizer) -> "Policy":
         """Use the full EOS set: ``generation_config.eos_token_id`` (int or list) plus the tokenizer's."""
-        ids: set[int] = set()
-        configured = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif configured:
-            ids.update(int(t) for t in configured)
-        if tokenizer.eos_token_id is not None:
-            ids.add(int(tokenizer.eos_token_id))
+        from guidedecode.backends.hf import eos_token_ids
+
+        ids = eos_token_ids(model, tokenizer)
         if not ids:
             raise TrainingError("the model and tokenizer define no EOS token: responses could never end")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(ids)
-        return cls(model, tokenizer, tuple(sorted(ids)), int(pad))
+        return cls(model, tokenizer, ids, int(pad))
 
     @property
     def device(self) -> torch.device:
@@ -792,44 +788,6 @@ def _mean(values: Sequence) -> float | None:
 
 
 # ------------------------------------------------------------------------------------- files
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn (partially written) last line is cut off the file."""
-    if not path.exists():
-        return []
-    records, good = [], 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break
-            good += len(line)
-    if good != path.stat().st_size:
-        with open(path, "r+b") as handle:
-            handle.truncate(good)
-    return records
-
-
-def append_jsonl(path: Path, records: Sequence[dict]) -> None:
-    """Append records as one write, flushed and fsynced."""
-    if not records:
-        return
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(r) + "\n" for r in records))
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Atomic JSON write: tmp file, fsync, os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(payload, indent=2))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_torch_save(payload: Any, path: Path) -> None:
