@@ -46,3 +46,18 @@ def tiny_model(arch: str = "llama", seed: int = 0, *, vocab_size: int = 512, **o
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     return model.eval()
+
+
+@torch.no_grad()
+def brute_value(value_model, prefix: list[int], candidates: list[int]) -> torch.Tensor:
+    """``[k, A]`` value logits of ``prefix + [c]`` for each candidate ``c``, computed the slow way: a full,
+    cache-free forward of each whole unpadded sequence and the head applied by hand
+    (V: ``W h_last``; Q: ``W[c] h_prefix_end``). The reference for tests of the incremental path."""
+    weight = value_model.head.weight.float()
+    atoms = value_model.config.num_atoms
+    seqs = torch.tensor([list(prefix) + [c] for c in candidates])
+    hidden = value_model.backbone(input_ids=seqs).last_hidden_state.float()  # [k, n + 1, H]
+    if value_model.config.head == "v":
+        return hidden[:, -1] @ weight.T
+    rows = weight.view(-1, atoms, weight.shape[1])[seqs[:, -1]]  # [k, A, H]
+    return torch.einsum("kah,kh->ka", rows, hidden[:, -2])

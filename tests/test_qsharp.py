@@ -8,7 +8,7 @@ from transformers import LogitsProcessor
 
 from guidedecode.errors import GuideError
 from guidedecode.guides.qsharp import QSharpGuide, qsharp_offsets
-from guidedecode.testing import tiny_model
+from guidedecode.testing import brute_value, tiny_model
 from guidedecode.value_model import ValueModel
 
 EOS = PAD = 1  # tiny models
@@ -57,20 +57,6 @@ def offset_formula(z, mode, eta, atoms=None):
         total = sum(pmf)
         levels.append(math.log(sum(p / total * math.exp(eta * a) for p, a in zip(pmf, atoms))))
     return [level - min(levels) for level in levels]
-
-
-@torch.no_grad()
-def brute_value(vm, prefix, candidates):
-    """[k, A] value logits of prefix + c for each candidate c: a full cache-free forward of each whole
-    unpadded sequence (the k sequences batched), head applied by hand (V: W h_last; Q: W[c] h_prefix_end)."""
-    W = vm.head.weight.float()
-    A = vm.config.num_atoms
-    seqs = torch.tensor([prefix + [c] for c in candidates])
-    h = vm.backbone(input_ids=seqs).last_hidden_state.float()  # [k, n + 1, H]
-    if vm.config.head == "v":
-        return h[:, -1] @ W.T
-    rows = W.view(-1, A, W.shape[1])[seqs[:, -1]]  # [k, A, H]
-    return torch.einsum("kah,kh->ka", rows, h[:, -2])
 
 
 def brute_offsets(vm, prefix, logits, k, eta, mode):

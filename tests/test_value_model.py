@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from guidedecode.errors import GuideError, ModelLoadError
-from guidedecode.testing import tiny_model
+from guidedecode.testing import brute_value, tiny_model
 from guidedecode.value_model import ValueModel, ValueModelConfig, tokenizer_fingerprint
 
 PAD = 1
@@ -26,20 +26,6 @@ def left_pad(prompts):
     ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     return ids, mask
-
-
-@torch.no_grad()
-def brute_value(vm, prefix, candidates):
-    """[k, A] value logits of prefix + c for each candidate c: a full cache-free forward of each whole
-    unpadded sequence (the k sequences batched), head applied by hand (V: W h_last; Q: W[c] h_prefix_end)."""
-    W = vm.head.weight.float()
-    A = vm.config.num_atoms
-    seqs = torch.tensor([prefix + [c] for c in candidates])
-    h = vm.backbone(input_ids=seqs).last_hidden_state.float()  # [k, n + 1, H]
-    if vm.config.head == "v":
-        return h[:, -1] @ W.T
-    rows = W.view(-1, A, W.shape[1])[seqs[:, -1]]  # [k, A, H]
-    return torch.einsum("kah,kh->ka", rows, h[:, -2])
 
 
 def cache_snapshot(cache):

@@ -154,13 +154,7 @@ class HFBackend:
         return Completion(text=text, token_ids=token_ids, finish_reason=finish)
 
     def _left_pad(self, rows: list[list[int]]):
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return left_pad(rows, self.pad_token_id, self.device)
 
     # ------------------------------------------------------------ scoring
     def join(self, prefix: Prompt, continuation: Prompt) -> tuple[list[int], int]:
@@ -476,6 +470,17 @@ def _resolve_scoring_plan(model) -> ScoringPlan:
     reason = "the LM head does not reproduce the model's logits (unknown logit processing): model logits"
     return ScoringPlan(False, 1.0, reason)
 
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as a left-padded ``[B, T]`` batch and its attention mask (1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 def eos_token_ids(model, tokenizer) -> tuple[int, ...]:

@@ -209,21 +209,18 @@ class Policy:
     def sample(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                seed: int, guide=None) -> list[list[int]]:
         """``n`` sampled continuations per prompt (prompt-major rows), each cut after its first EOS."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):] = torch.tensor(prompt)
-            mask[i, width - len(prompt):] = 1
+        from guidedecode.backends.hf import left_pad
+
+        ids, mask = left_pad(prompts, self.pad_token_id, self.device)
         torch.manual_seed(seed)
         with torch.no_grad():
             output = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=True,
+                input_ids=ids, attention_mask=mask, do_sample=True,
                 temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                 num_return_sequences=n, pad_token_id=self.pad_token_id, eos_token_id=list(self.eos_token_ids),
                 logits_processor=[guide] if guide is not None else None,
             )
-        return [self.cut_at_eos(row) for row in output[:, width:].tolist()]
+        return [self.cut_at_eos(row) for row in output[:, ids.shape[1]:].tolist()]
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
