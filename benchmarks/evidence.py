@@ -63,7 +63,7 @@ def table_row(label: str, summary: dict) -> dict:
            "accuracy": summary["accuracy"], "tokens_generated": summary["tokens_generated"],
            "tokens_per_second": summary["tokens_per_second"]}
     for key, value in summary.items():
-        if key.startswith(("pass@", "maj@", "kl", "solved@")):
+        if key.startswith(("pass@", "maj@", "kl", "solved@")) or key in ("attempts_mean", "cost_per_problem"):
             row[key] = value
     return row
 

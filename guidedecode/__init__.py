@@ -25,6 +25,7 @@ _EXPORTS = {
     "SelfConsistency": "guidedecode.strategies",
     "OracleScorer": "guidedecode.strategies",
     "MeanLogProbScorer": "guidedecode.strategies",
+    "ValueModelScorer": "guidedecode.strategies",
     "BeamSearch": "guidedecode.strategies",
     "TokenBeamSearch": "guidedecode.strategies",
     "Revision": "guidedecode.strategies",

@@ -3,7 +3,7 @@
 Output directory layout::
 
     config.json     the run's settings (a resumed run must match them)
-    results.jsonl   one line per problem: id, gold, completions, answers, correct, tokens, seconds
+    results.jsonl   one line per problem: id, gold, completions, answers, correct, tokens, seconds, cost
     summary.json    accuracy (mean pass@1) with a 95% CI, pass@k, maj@k, tokens, tokens/s
 
 Problems are processed in fixed chunks (by index) with a seed derived from (seed, chunk), so each
@@ -121,7 +121,7 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
         prompts = [task.messages(p) for p in chunk]  # strategies that extend the chat themselves
     else:
         prompts = [backend.chat_prompt(task.messages(p)) for p in chunk]
-    started = time.perf_counter()
+    started, spent_before = time.perf_counter(), backend.stats.counters()
     infos, trials = None, None
     if strategy is not None:
         texts, tokens = [[] for _ in chunk], [[] for _ in chunk]
@@ -146,6 +146,8 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
         tokens = [[c.num_tokens for c in row] for row in samples]
         infos = [[c.info for c in row] for row in samples]
     seconds = (time.perf_counter() - started) / len(chunk)
+    # the policy model's cost counters (see BackendStats), shared evenly by the chunk's problems
+    cost = {name: value / len(chunk) for name, value in backend.stats.since(spent_before).items()}
     flat_texts = [t for row in texts for t in row]
     flat_problems = [p for p, row in zip(chunk, texts) for _ in row]
     verdicts = iter(task.check_many(flat_texts, flat_problems))
@@ -158,6 +160,7 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
             "correct": [next(verdicts) for _ in row],
             "tokens": row_tokens,
             "seconds": seconds,
+            "cost": cost,
         }
         for problem, row, row_tokens in zip(chunk, texts, tokens)
     ]
@@ -217,6 +220,8 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
         summary.update(solved_at_ks(trials, budget))
     if rows and all("attempts" in r for r in rows):
         summary["attempts_mean"] = sum(sum(r["attempts"]) for r in rows) / sum(len(r["attempts"]) for r in rows)
+    if rows and all("cost" in r for r in rows):  # per problem, averaged over problems (all samples included)
+        summary["cost_per_problem"] = {name: sum(r["cost"][name] for r in rows) / len(rows) for name in rows[0]["cost"]}
     seconds = sum(r["seconds"] for r in rows)
     summary["seconds"] = seconds
     summary["tokens_per_second"] = summary["tokens_generated"] / seconds if seconds > 0 else None

@@ -20,14 +20,23 @@ def _presence_penalty(tokenizer, alpha: float = 1.0):
 
 
 def _best_of_n(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, scorer: str = "logprob",
-               oracle: int = 0, max_new_tokens: int = 256):
-    from guidedecode.strategies import BestOfN, MeanLogProbScorer, OracleScorer
+               selection: str = "argmax", value_model: str = "", oracle: int = 0, max_new_tokens: int = 256,
+               model=None):
+    """``scorer``: logprob | oracle | value (``value_model=DIR`` from ``guidedecode train qsharp``);
+    ``selection``: argmax | weighted_vote (sums of value-model scores per answer class)."""
+    from guidedecode.strategies import BestOfN, MeanLogProbScorer, OracleScorer, ValueModelScorer
 
-    scorers = {"logprob": MeanLogProbScorer, "oracle": OracleScorer}
+    scorers = {"logprob": MeanLogProbScorer, "oracle": OracleScorer, "value": None}
     if scorer not in scorers:
         raise GuidedecodeError(f"unknown scorer '{scorer}': choose one of {', '.join(scorers)}")
-    return _with_oracle(BestOfN(n, scorer=scorers[scorer](), temperature=temperature, top_p=top_p, tokenizer=tokenizer,
-                                max_new_tokens=max_new_tokens), oracle)
+    if scorer == "value":
+        score = ValueModelScorer(_load_value_model(value_model, tokenizer, model, "best-of-n scorer=value"))
+    elif value_model:
+        raise GuidedecodeError("value_model= is used only with scorer=value")
+    else:
+        score = scorers[scorer]()
+    return _with_oracle(BestOfN(n, scorer=score, selection=selection, temperature=temperature, top_p=top_p,
+                                tokenizer=tokenizer, max_new_tokens=max_new_tokens), oracle)
 
 
 def _self_consistency(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, oracle: int = 0,
@@ -103,15 +112,21 @@ def _qsharp(tokenizer, value_model: str = "", eta: float = 10.0, mode: str = "",
     """Q# with a trained value model directory (``guidedecode train qsharp``); ``mode=cd`` for CD.
     ``temperature``/``top_p`` are the run's sampling settings, used for the KL accounting only."""
     from guidedecode.guides import QSharpGuide
-    from guidedecode.value_model import ValueModel
 
-    if not value_model:
-        raise GuidedecodeError("guide 'qsharp' needs -p value_model=DIR (a directory written by guidedecode train qsharp)")
-    device = getattr(model, "device", None)
-    vm = ValueModel.from_pretrained(value_model, device=device)
-    vm.check_tokenizer(tokenizer)
+    vm = _load_value_model(value_model, tokenizer, model, "guide 'qsharp'")
     return QSharpGuide(vm, eta=eta, mode=mode or None, top_k=top_k, tokenizer=tokenizer, temperature=temperature,
                        top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def _load_value_model(directory: str, tokenizer, model, who: str):
+    """A trained ValueModel on the policy's device, checked against the policy's tokenizer."""
+    from guidedecode.value_model import ValueModel
+
+    if not directory:
+        raise GuidedecodeError(f"{who} needs -p value_model=DIR (a directory written by guidedecode train qsharp)")
+    vm = ValueModel.from_pretrained(directory, device=getattr(model, "device", None))
+    vm.check_tokenizer(tokenizer)
+    return vm
 
 
 GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty, "qsharp": _qsharp}

@@ -390,6 +390,18 @@ class ValueModel(torch.nn.Module):
             out[:, 1:] = self._q_head(hidden[:, :-1], input_ids[:, 1:])
         return out
 
+    def probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[...]`` P(correct) from head logits ``[..., A]``: σ(z) for bce/mse, Σ_j softmax(z)_j a_j for mle."""
+        logits = logits.float()
+        if self.config.loss == "mle":
+            return (torch.softmax(logits, -1) * self.config.atoms(logits.device)).sum(-1)
+        return torch.sigmoid(logits[..., 0])
+
+    @torch.no_grad()
+    def value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` P(correct) of each left-padded row's whole sequence (its last position): a reward score."""
+        return self.probability(self.token_logits(input_ids, attention_mask)[:, -1])
+
     # ------------------------------------------------------------------------------------------ inference
     def _forward(self, ids, mask, positions, cache):
         return self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -141,6 +141,81 @@ def test_best_of_n_oracle_stop_equals_one_minus_product_of_failures(backend):
         strategy.run(backend, prompts)
 
 
+class FixedScorer:
+    """Known scores, one per candidate, in order."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def __call__(self, backend, prompt, completions, gold):
+        return list(self.scores)
+
+
+def test_best_of_n_weighted_vote_sums_scores_per_answer_class():
+    """"7" scores highest alone (0.9) but the "5" class sums to 0.3 + 0.35 + 0.3 = 0.95; "1/2" and
+    "0.5" are one math-verify class; samples without an answer do not vote."""
+    texts = ["The answer is 7", "The answer is 5", "so \\boxed{5}", "The answer is 5", "no idea"]
+    scores = [0.9, 0.3, 0.35, 0.3, 0.99]
+    candidates = [done(t) for t in texts]
+    argmax = BestOfN(5, scorer=FixedScorer(scores)).select(None, "q", candidates)
+    assert argmax.completion.text == "no idea"
+    voted = BestOfN(5, scorer=FixedScorer(scores), selection="weighted_vote").select(None, "q", candidates)
+    assert voted.completion.text == "so \\boxed{5}"  # the top member of the winning class
+    head = voted.trace[0]
+    assert head["chosen"] == 2 and sorted(map(sorted, head["classes"])) == [[0], [1, 2, 3]]
+    assert sorted(head["class_scores"]) == pytest.approx([0.9, 0.95])
+
+    halves = [done("The answer is 1/2"), done("The answer is 3"), done("The answer is 0.5")]
+    picked = BestOfN(3, scorer=FixedScorer([0.5, 0.9, 0.45]), selection="weighted_vote").select(None, "q", halves)
+    assert picked.completion.text == "The answer is 1/2"  # 0.5 + 0.45 beats 0.9
+    exact = BestOfN(3, scorer=FixedScorer([0.5, 0.9, 0.45]), selection="weighted_vote", equivalence="exact")
+    assert exact.select(None, "q", halves).completion.text == "The answer is 3"
+
+    nothing = [done("hmm"), done("well")]
+    fallback = BestOfN(2, scorer=FixedScorer([0.1, 0.2]), selection="weighted_vote").select(None, "q", nothing)
+    assert fallback.completion.text == "well"  # nobody voted: the argmax
+    with pytest.raises(StrategyError, match="must be >= 0"):
+        BestOfN(2, scorer=FixedScorer([-1.0, 0.2]), selection="weighted_vote").select(None, "q", nothing)
+    with pytest.raises(StrategyError, match="unknown selection 'vote'"):
+        BestOfN(2, selection="vote")
+    with pytest.raises(StrategyError, match="returned 1 scores for 2 candidates"):
+        BestOfN(2, scorer=FixedScorer([0.3])).select(None, "q", nothing)
+
+
+@pytest.mark.parametrize("head, loss", [("v", "bce"), ("q", "bce"), ("v", "mle")])
+def test_value_model_scorer_is_p_correct_of_the_whole_sequence(backend, head, loss):
+    """Reference: the value logits of prompt + completion computed alone, cache-free (``brute_value``),
+    turned into P(correct) by hand (sigmoid, or the expected atom for the distributional head)."""
+    from guidedecode.strategies.scorers import ValueModelScorer
+    from guidedecode.testing import brute_value, tiny_model
+    from guidedecode.value_model import ValueModel
+
+    tokenizer = backend.tokenizer
+    vm = ValueModel.from_backbone(tiny_model("qwen2", seed=5, vocab_size=len(tokenizer)), head=head, loss=loss,
+                                  num_atoms=5 if loss == "mle" else None, init="normal", tokenizer=tokenizer)
+    prompt = "What is 2 + 3?"
+    candidates = [Completion(text="", token_ids=ids, finish_reason="eos")
+                  for ids in ([11, 12, 13], [400], [7, 8, 9, 10, 11, 12, 13])]  # uneven: left padding inside a batch
+    scores = ValueModelScorer(vm, batch_size=2)(backend, prompt, candidates, None)
+    prompt_ids = backend.encode(prompt)
+    with torch.no_grad():
+        for score, c in zip(scores, candidates):
+            logits = brute_value(vm, prompt_ids + c.token_ids[:-1], [c.token_ids[-1]])[0]
+            if loss == "mle":
+                expected = float((torch.softmax(logits, -1) * torch.linspace(0, 1, 5)).sum())
+            else:
+                expected = float(torch.sigmoid(logits[0]))
+            assert score == pytest.approx(expected, abs=1e-5)
+
+    from guidedecode.models import load_tokenizer
+    other = copy.deepcopy(load_tokenizer())
+    other.add_tokens(["<extra-token>"])  # a tokenizer that maps more ids than the value model knows
+    mismatched = copy.copy(backend)
+    mismatched.tokenizer = other
+    with pytest.raises(Exception, match="vocabulary has|tokenizer mismatch"):
+        ValueModelScorer(vm)(mismatched, prompt, candidates, None)
+
+
 def test_self_consistency_judges_only_the_voted_answer():
     """Votes with known counts: "4" x3 (first at index 1), "5" x2, one None."""
     texts = ["5", "4", None, "4", "5", "4"]

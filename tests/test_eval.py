@@ -90,6 +90,12 @@ def test_eval_with_a_strategy(tmp_path, tiny_dir):
     records = lines(tmp_path / "sc" / "results.jsonl")
     assert summary["problems"] == 2 and all(len(r["completions"]) == 1 for r in records)
     assert all(r["tokens"][0] > 0 for r in records)  # the strategy's internal samples are counted
+    # cost counters: the chunk's spend shared by its problems; 2 samples of each prompt carry the prompt twice
+    for record in records:
+        cost = record["cost"]
+        assert cost["generated_tokens"] == record["tokens"][0] and cost["sample_calls"] > 0
+        assert cost["prompt_tokens"] > 0 and 0 < cost["forward_passes"] <= 8 * cost["sample_calls"]
+    assert summary["cost_per_problem"]["generated_tokens"] == sum(r["tokens"][0] for r in records) / 2
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -181,3 +187,27 @@ def test_qsharp_eval_records_per_sample_kl(tmp_path, tiny_dir):
     # eta = 0 is an exact no-op (KL 0 before top-p), but the sampled nucleus still has KL = -log(mass) > 0
     assert runs["0"]["kl"]["mean"] == 0.0 and runs["0"]["kl_sample"]["mean"] > 0
     assert runs["10"]["kl"]["mean"] > 0 and runs["10"]["kl_sample"]["mean"] > 0
+
+
+def test_best_of_n_with_a_value_model_scorer_and_weighted_vote(tmp_path, tiny_dir):
+    """The registry builds the Q# classifier as best-of-N's reward model; eval records its choices."""
+    from guidedecode.errors import GuidedecodeError
+    from guidedecode.models import load_model
+    from guidedecode.registry import build_strategy
+    from guidedecode.strategies import ValueModelScorer
+    from guidedecode.value_model import ValueModel
+
+    model, tokenizer = load_model(str(tiny_dir))
+    value_dir = tmp_path / "value-model"
+    ValueModel.from_backbone(model, head="v", init="normal", tokenizer=tokenizer).save_pretrained(value_dir)
+    params = {"n": "2", "max_new_tokens": "6", "scorer": "value", "value_model": str(value_dir),
+              "selection": "weighted_vote"}
+    strategy = build_strategy("best-of-n", tokenizer, params, context={"model": model})
+    assert isinstance(strategy.scorer, ValueModelScorer) and strategy.selection == "weighted_vote"
+    summary = run_eval(config_for(tiny_dir, guide=None, strategy="best-of-n", params=params, samples=1, limit=2),
+                       tmp_path / "bon", model=model, tokenizer=tokenizer, progress=False)
+    assert summary["problems"] == 2 and summary["cost_per_problem"]["generated_tokens"] > 0
+    with pytest.raises(GuidedecodeError, match="needs -p value_model=DIR"):
+        build_strategy("best-of-n", tokenizer, {"scorer": "value"}, context={"model": model})
+    with pytest.raises(GuidedecodeError, match="only with scorer=value"):
+        build_strategy("best-of-n", tokenizer, {"value_model": str(value_dir)}, context={"model": model})

@@ -298,3 +298,30 @@ def test_triton_scoring_path_odd_vocabulary(tokenizer, arch):
             logits = model(torch.tensor([ids], device=device)).logits[0].float().cpu()
         eager = torch.log_softmax(logits, -1)[len(prefix) - 1 : -1].gather(-1, torch.tensor(cont)[:, None])[:, 0]
         torch.testing.assert_close(score.logprobs, eager, atol=FP32_TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------ cost counters
+
+
+def test_cost_counters_count_prompt_tokens_and_forward_passes(llama):
+    """Scoring: one prefix forward + one suffix forward per chunk; the tokens fed count as prompt tokens.
+    Sampling: every returned sequence carries its prompt; one forward per decoding step."""
+    before, fed_before = llama.stats.counters(), llama.stats.extra.get("score_forward_tokens", 0)
+    llama.score(PREFIX, CONTINUATIONS[:3])  # 3 candidates, batch_size 3: one chunk
+    spent = llama.stats.since(before)
+    assert spent["forward_passes"] == 2 and spent["score_calls"] == 1
+    assert spent["prompt_tokens"] == llama.stats.extra["score_forward_tokens"] - fed_before
+    joined = [len(ids) for ids, _ in (llama.join(PREFIX, c) for c in CONTINUATIONS[:3])]
+    assert 0 < spent["prompt_tokens"] < sum(joined)  # the shared prefix ran once
+
+    prompts = ["Say a number:", "Count to three please:"]
+    before = llama.stats.counters()
+    rows = llama.sample(prompts, 2, max_new_tokens=5, temperature=1.0, seed=0)
+    spent = llama.stats.since(before)
+    lengths = [[c.num_tokens for c in row] for row in rows]
+    assert spent["prompt_tokens"] == 2 * sum(len(llama.encode(p)) for p in prompts)
+    assert spent["generated_tokens"] == sum(map(sum, lengths)) and spent["sample_calls"] == 1
+    # batch_size 3 holds one prompt x 2 samples per generate call: two calls of up to 5 steps each
+    assert sum(map(max, lengths)) <= spent["forward_passes"] <= 2 * 5
+    if all(c.finish_reason == "length" for row in rows for c in row):
+        assert spent["forward_passes"] == 2 * 5

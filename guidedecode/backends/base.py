@@ -54,13 +54,32 @@ class ContinuationScore:
 
 @dataclass
 class BackendStats:
-    """Running cost counters (what a strategy spent)."""
+    """Running cost counters of the policy model (what a strategy spent).
+
+    ``generated_tokens``: tokens sampled; ``prompt_tokens``: context tokens the model processed
+    without generating them (a sampling call's prompts, once per returned sequence as ``generate``
+    expands them; a scoring call's inputs after shared-prefix reuse); ``scored_tokens``: tokens whose
+    log-prob was returned; ``forward_passes``: batched model calls (one per decoding step of a
+    ``generate`` call, one per scoring forward); ``*_calls``: backend calls.
+    """
 
     generated_tokens: int = 0
+    prompt_tokens: int = 0
     scored_tokens: int = 0
+    forward_passes: int = 0
     sample_calls: int = 0
     score_calls: int = 0
     extra: dict = field(default_factory=dict)
+
+    COUNTERS = ("generated_tokens", "prompt_tokens", "scored_tokens", "forward_passes", "sample_calls", "score_calls")
+
+    def counters(self) -> dict[str, int]:
+        """The counters as a plain dict (for ``since`` and for records)."""
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """What was spent after ``before = stats.counters()``."""
+        return {name: getattr(self, name) - before[name] for name in self.COUNTERS}
 
 
 class Backend(Protocol):

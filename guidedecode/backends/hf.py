@@ -108,6 +108,8 @@ class HFBackend:
                 **options,
             )
             generated = output[:, input_ids.shape[1] :].tolist()
+            self.stats.prompt_tokens += n * sum(len(row) for row in chunk)
+            self.stats.forward_passes += output.shape[1] - input_ids.shape[1]
             figures = self._guide_figures(len(generated))
             for i in range(len(chunk)):
                 rows = generated[i * n : (i + 1) * n]
@@ -263,9 +265,9 @@ class HFBackend:
         positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         last = self._forward(plan, prefix_ids, prefix_mask, positions, cache, last_only=True)  # [G, H or V]
-        self.stats.extra["score_forward_tokens"] = self.stats.extra.get("score_forward_tokens", 0) + sum(
-            unit.length for unit in units
-        )
+        fed = sum(unit.length for unit in units)
+        self.stats.extra["score_forward_tokens"] = self.stats.extra.get("score_forward_tokens", 0) + fed
+        self.stats.prompt_tokens += fed
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             is_last_chunk = start + self.batch_size >= len(rows)
@@ -320,6 +322,7 @@ class HFBackend:
                 last_only=False,
             )  # [n, width, H or V]
             self.stats.extra["score_forward_tokens"] += sum(fed)
+            self.stats.prompt_tokens += sum(fed)
         lp0, lp = self._target_logprobs(plan, last[group[keep0.to(device)]], targets0, hidden, keep, targets)
         first_lp = torch.zeros(n)
         first_lp[keep0] = lp0
@@ -338,6 +341,7 @@ class HFBackend:
             past_key_values=cache,
             use_cache=True,
         )
+        self.stats.forward_passes += 1
         if plan.fused:
             out = self.model.base_model(**inputs).last_hidden_state
         else:

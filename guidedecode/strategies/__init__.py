@@ -6,11 +6,11 @@ from guidedecode.strategies.best_of_n import BestOfN
 from guidedecode.strategies.budget import AttemptLog
 from guidedecode.strategies.rationalyst import RationaleGuidedStepSearch, RationaleStepSearch, contains_answer_marker
 from guidedecode.strategies.revision import Revision
-from guidedecode.strategies.scorers import MeanLogProbScorer, OracleScorer
+from guidedecode.strategies.scorers import MeanLogProbScorer, OracleScorer, ValueModelScorer
 from guidedecode.strategies.self_consistency import SelfConsistency, vote
 from guidedecode.strategies.self_refine import SelfRefine
 
 __all__ = [
     "StepStrategy", "StrategyResult", "AttemptLog", "BestOfN", "SelfConsistency", "BeamSearch", "TokenBeamSearch",
-    "Revision", "SelfRefine", "RationaleStepSearch", "RationaleGuidedStepSearch", "contains_answer_marker", "OracleScorer", "MeanLogProbScorer", "vote",
+    "Revision", "SelfRefine", "RationaleStepSearch", "RationaleGuidedStepSearch", "contains_answer_marker", "OracleScorer", "MeanLogProbScorer", "ValueModelScorer", "vote",
 ]

@@ -448,15 +448,6 @@ def value_loss(logits: torch.Tensor, target_mask: torch.Tensor, labels: torch.Te
     return masked_sequence_mean(per_position, target_mask).mean()
 
 
-def predicted_probability(logits: torch.Tensor, loss: str, *, v_min: float = 0.0, v_max: float = 1.0) -> torch.Tensor:
-    """[B, T] P(correct): σ(z) for bce/mse heads, the expected atom Σ_j pmf_j a_j for mle."""
-    logits = logits.float()
-    if loss == "mle":
-        atoms = torch.linspace(v_min, v_max, logits.shape[-1], device=logits.device)
-        return (torch.softmax(logits, -1) * atoms).sum(-1)
-    return torch.sigmoid(logits[..., 0])
-
-
 def binary_cross_entropy(p: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Elementwise −[y log p + (1 − y) log(1 − p)], p clamped to [eps, 1 − eps]."""
     p = p.clamp(eps, 1 - eps)
@@ -501,7 +492,7 @@ def evaluate(value_model, examples: Sequence[Example], *, base_rate: float, pad_
     for start in range(0, len(examples), batch_size):
         ids, mask, targets, labels = collate(examples[start: start + batch_size], pad_token_id)
         logits = value_model.token_logits(ids.to(device), mask.to(device)).float().cpu()
-        p = predicted_probability(logits, cfg.loss, v_min=cfg.v_min, v_max=cfg.v_max)
+        p = value_model.probability(logits)
         y = labels[:, None].expand_as(p)
         losses.append(masked_sequence_mean(position_losses(logits, labels, cfg.loss, v_min=cfg.v_min,
                                                            v_max=cfg.v_max), targets))
