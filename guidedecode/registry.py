@@ -107,15 +107,17 @@ def _unescape(text: str) -> str:
     return text.encode().decode("unicode_escape")
 
 
-def _qsharp(tokenizer, value_model: str = "", eta: float = 10.0, mode: str = "", top_k: int = 20,
+def _qsharp(tokenizer, value_model: str = "", eta: float = 10.0, mode: str = "", top_k: int = 20, tail: str = "",
             temperature: float = 1.0, top_p: float = 1.0, model=None):
-    """Q# with a trained value model directory (``guidedecode train qsharp``); ``mode=cd`` for CD.
+    """Q# with a trained value model directory (``guidedecode train qsharp``); ``mode=cd`` for CD,
+    ``mode=fudge`` for FUDGE; ``tail=mask`` drops the tokens outside the top-k (a deviation from the paper).
     ``temperature``/``top_p`` are the run's sampling settings, used for the KL accounting only."""
     from guidedecode.guides import QSharpGuide
 
     vm = _load_value_model(value_model, tokenizer, model, "guide 'qsharp'")
-    return QSharpGuide(vm, eta=eta, mode=mode or None, top_k=top_k, tokenizer=tokenizer, temperature=temperature,
-                       top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return QSharpGuide(vm, eta=eta, mode=mode or None, top_k=top_k, tail=tail or None, tokenizer=tokenizer,
+                       temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 def _load_value_model(directory: str, tokenizer, model, who: str):

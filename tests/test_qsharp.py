@@ -48,7 +48,7 @@ def offset_formula(z, mode, eta, atoms=None):
         return [math.log(1 - sigmoid(v) + sigmoid(v) * math.exp(eta)) for v in z]
     if mode == "cd":
         return [eta * sigmoid(v) for v in z]
-    if mode == "expectation":
+    if mode in ("expectation", "fudge"):
         return [math.log(sigmoid(v)) for v in z]
     levels = []
     for logits in z:  # mle
@@ -120,7 +120,7 @@ class CountCalls:
 
 
 # ---------------------------------------------------------------------------------------------- offsets
-@pytest.mark.parametrize("mode", ["bernoulli", "cd", "expectation", "mle"])
+@pytest.mark.parametrize("mode", ["bernoulli", "cd", "expectation", "mle", "fudge"])
 def test_offsets_equal_spec_formulas(mode):
     gen = torch.Generator().manual_seed(3)
     B, k, A = 3, 7, 5
@@ -275,6 +275,53 @@ def test_sampling_with_return_sequences_scores_and_kl_equal_brute_force():
     assert bool((kls["kl_sample"] > kls["kl"]).all())
 
 
+@pytest.mark.parametrize("mode", ["bernoulli", "fudge"])
+def test_masked_tail_scores_and_kl_equal_brute_force(mode):
+    """tail="mask" (and fudge, which implies it): the guided row is l + o on the top-k and -inf elsewhere,
+    HF samples TopP(softmax(./T)) of it, and the KLs equal full-vocabulary sums against the unmasked
+    reference; the eta = 0 row is left bit-exact."""
+    T, top_p, k = 0.8, 0.9, 6
+    ref = tiny_model("qwen2", seed=0)
+    vm = random_value_model("llama", "v", seed=9)
+    prompts = [[5, 9, 33, 2, 8], [40, 3]]
+    ids, mask = left_pad(prompts)
+    width = ids.shape[1]
+    before, after = Recorder(), Recorder()
+    tail = None if mode == "fudge" else "mask"
+    guide = QSharpGuide(vm, eta=[5.0, 0.0], mode=mode, tail=tail, top_k=k, eos_token_id=EOS, pad_token_id=PAD,
+                        temperature=T, top_p=top_p)
+    torch.manual_seed(2)
+    out = ref.generate(ids, attention_mask=mask, logits_processor=[before, guide, after], do_sample=True,
+                       temperature=T, top_p=top_p, top_k=0, max_new_tokens=5, pad_token_id=PAD, eos_token_id=EOS,
+                       output_scores=True, return_dict_in_generate=True)
+    total_kl, total_sample = [0.0, 0.0], [0.0, 0.0]
+    for step, ((_, l), (_, g), final) in enumerate(zip(before.seen, after.seen, out.scores)):
+        for row in range(2):
+            if EOS in out.sequences[row, width:width + step].tolist():
+                continue
+            if row == 1:
+                assert torch.equal(g[row], l[row])
+            else:
+                prefix = prompts[row] + out.sequences[row, width:width + step].tolist()
+                expected = torch.full_like(l[row], float("-inf"), dtype=torch.float64)
+                for token, o in brute_offsets(vm, prefix, l[row], k, 5.0, mode).items():
+                    expected[token] = l[row, token].double() + o
+                assert int(torch.isfinite(g[row]).sum()) == k
+                torch.testing.assert_close(g[row].double(), expected, atol=1e-4, rtol=1e-5)
+            guided_logits = g[row].double()
+            sampled = top_p_probs(guided_logits / T, top_p)
+            torch.testing.assert_close(torch.softmax(final[row].double(), -1), sampled, atol=1e-5, rtol=1e-4)
+            reference = torch.softmax(l[row].double() / T, -1)
+            if row == 0:  # the eta = 0 row's KL before top-p is 0
+                total_kl[row] += kl(torch.softmax(guided_logits / T, -1), reference)
+            total_sample[row] += kl(sampled, reference)
+    kls = guide.sequence_kl()
+    torch.testing.assert_close(kls["kl"].double(), torch.tensor(total_kl, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kls["kl_sample"].double(), torch.tensor(total_sample, dtype=torch.float64),
+                               atol=1e-5, rtol=1e-5)
+    assert float(kls["kl"][0]) > 0.5  # masking the tail costs -log π_ref(C) at every step
+
+
 def test_beam_search_rows_keep_their_own_value_state():
     """Beam search reorders rows between steps: every row's offsets still come from its own prefix."""
     ref = tiny_model("llama", seed=0)
@@ -315,6 +362,11 @@ def test_bad_input_gets_clear_errors():
         qsharp_offsets(torch.zeros(2, 3), "fudge2")
     with pytest.raises(GuideError, match="does not fit"):
         QSharpGuide(vm, mode="mle")
+    with pytest.raises(GuideError, match="unknown tail 'drop'"):
+        QSharpGuide(vm, tail="drop")
+    with pytest.raises(GuideError, match="fudge' drops the tokens outside"):
+        QSharpGuide(vm, mode="fudge", tail="zero")
+    assert QSharpGuide(vm, mode="fudge").tail == "mask" and QSharpGuide(vm).tail == "zero"
     for k in (0, -2, 513):
         with pytest.raises(GuideError, match="top_k"):
             QSharpGuide(vm, top_k=k)

@@ -12,7 +12,8 @@ Per decode step and row, with raw (un-tempered) reference logits ``l``:
 2. candidates ``C`` = top-``k`` of ``l`` (default ``k = 20``; ``k = -1``: the whole vocabulary);
 3. the value model scores ``prefix + v`` for each ``v ∈ C``: logit ``z_v`` (``num_atoms`` logits in ``mle``);
 4. offsets ``o_v`` (:func:`qsharp_offsets`) are added to the ``k`` candidate logits only; the tail keeps
-   ``l`` (offset 0), nothing is masked;
+   ``l`` (offset 0), nothing is masked (``tail="mask"``, a named deviation, and ``fudge`` mode drop the
+   tail instead: ``-inf`` outside ``C``);
 5. HF's own warpers follow (temperature ``T``, then top-p), so tokens are drawn from
    ``TopP(softmax((l + o) / T))``. Pass ``top_k=0`` to ``generate`` for the reference behaviour (HF's
    default top-50 would otherwise truncate too).
@@ -40,7 +41,8 @@ from guidedecode.value_model import ValueModel, ValueState
 
 __all__ = ["MODES", "qsharp_offsets", "QSharpGuide"]
 
-MODES = ("bernoulli", "cd", "expectation", "mle")
+MODES = ("bernoulli", "cd", "expectation", "mle", "fudge")
+TAILS = ("zero", "mask")
 DEFAULT_ETA = 10.0
 
 
@@ -63,7 +65,9 @@ def qsharp_offsets(z: torch.Tensor, mode: str = "bernoulli", eta=DEFAULT_ETA, *,
     * ``expectation``: ``o = log sigmoid(z)`` (the classifier predicts ``E[exp(eta (r - 1))]``; eta is baked
       in at training, so it is unused here);
     * ``mle``: ``l_v = logsumexp_j(log_softmax(z_v)_j + eta a_j)``, ``o_v = l_v - min_{u ∈ C} l_u`` (``≥ 0``,
-      minimum exactly 0 per row); ``atoms`` default ``linspace(0, 1, A)``.
+      minimum exactly 0 per row); ``atoms`` default ``linspace(0, 1, A)``;
+    * ``fudge`` (FUDGE, Yang & Klein 2021): ``o = log sigmoid(z)``, so ``π ∝ π_ref · p`` on ``C`` (the
+      large-eta limit of ``bernoulli`` up to a constant); the guide drops the tokens outside ``C``.
     """
     if mode not in MODES:
         raise GuideError(f"unknown Q# mode '{mode}': choose one of {', '.join(MODES)}")
@@ -91,7 +95,7 @@ def qsharp_offsets(z: torch.Tensor, mode: str = "bernoulli", eta=DEFAULT_ETA, *,
         return torch.minimum(o.clamp_min(0.0), e.expand_as(o))  # rounding only: the exact value lies in [0, eta]
     if mode == "cd":
         return e * torch.sigmoid(z)
-    return torch.nn.functional.logsigmoid(z)  # expectation
+    return torch.nn.functional.logsigmoid(z)  # expectation, fudge
 
 
 def _guidance(scores, *args, **kwargs):
@@ -116,6 +120,9 @@ class QSharpGuide(TokenGuide):
     ``eta`` (default 10) is a float or one value per row of the ``generate`` batch (rows = prompts x
     ``num_return_sequences``; a sequence with one value per prompt is repeated over its return sequences).
     ``mode`` defaults to ``"mle"`` for an mle value model and ``"bernoulli"`` otherwise.
+    ``tail``: ``"zero"`` (the reference: tokens outside ``C`` keep their logit) or ``"mask"`` (a deliberate
+    deviation: guided rows sample from ``C`` only; ``fudge`` mode implies it). With ``"mask"`` the KL uses
+    ``KL(π_g || π_ref) = KL(π_g || π_ref|C) - log π_ref(C)``, ``π_ref|C`` the reference renormalised on ``C``.
     Use it as ``model.generate(..., logits_processor=[guide], top_k=0)``. Give ``pad_token_id`` (or
     ``tokenizer``) for left-padded batches: the guide finds each row's prompt by its leading pad tokens.
     Rows are tracked by content (:class:`TokenGuide`), so sampling, greedy, ``num_return_sequences``, rows
@@ -124,7 +131,7 @@ class QSharpGuide(TokenGuide):
 
     def __init__(self, value_model: ValueModel, *, eta=None, kl_coef: float | None = None, mode: str | None = None,
                  top_k: int = 20, tokenizer=None, temperature: float = 1.0, top_p: float = 1.0,
-                 eos_token_id=None, pad_token_id: int | None = None):
+                 tail: str | None = None, eos_token_id=None, pad_token_id: int | None = None):
         if not isinstance(value_model, ValueModel):
             raise GuideError(f"QSharpGuide needs a guidedecode ValueModel, got {type(value_model).__name__}")
         if eta is not None and kl_coef is not None:
@@ -139,6 +146,13 @@ class QSharpGuide(TokenGuide):
             mode = "mle" if config.loss == "mle" else "bernoulli"
         if mode not in MODES:
             raise GuideError(f"unknown Q# mode '{mode}': choose one of {', '.join(MODES)}")
+        if tail is None:
+            tail = "mask" if mode == "fudge" else "zero"
+        if tail not in TAILS:
+            raise GuideError(f"unknown tail '{tail}': choose one of {', '.join(TAILS)}")
+        if mode == "fudge" and tail != "mask":
+            raise GuideError("mode 'fudge' drops the tokens outside the candidates (tail='mask'); "
+                             "log-sigmoid offsets with the tail kept are mode 'expectation'")
         if (mode == "mle") != (config.loss == "mle"):
             raise GuideError(f"mode '{mode}' does not fit a value model trained with loss '{config.loss}' "
                              "(mle value models use mode 'mle', and only they do)")
@@ -158,6 +172,7 @@ class QSharpGuide(TokenGuide):
                 eos_token_id = tokenizer.eos_token_id
         self.value_model = value_model
         self.mode = mode
+        self.tail = tail
         self.top_k = top_k
         self.temperature = float(temperature)
         self.top_p = float(top_p)
@@ -228,14 +243,36 @@ class QSharpGuide(TokenGuide):
                 raise GuideError(f"the value model produced NaN logits (decode step {self.steps})")
             offsets = qsharp_offsets(z, self.mode, state.eta, atoms=self.atoms)
             offsets = torch.where(guided[:, None], offsets, torch.zeros((), device=offsets.device))
-            result = torch.empty_like(scores)  # never edit `scores` in place: it may be HF's stored raw logits
-            stats = _guidance(scores, offsets.to(scores.device), idx=candidates, out=result,
-                             temperature=self.temperature, top_p=top_p)
+            if self.tail == "mask":
+                result, stats = self._masked(scores, candidates, offsets.to(scores.device), top_p)
+                if not bool(guided.all()):  # unguided rows keep the full reference: their KLs come unmasked
+                    plain = _guidance(scores, temperature=self.temperature, top_p=top_p)
+                    stats = stats._replace(**{
+                        name: torch.where(guided, getattr(stats, name), getattr(plain, name))
+                        for name in ("kl", "kl_top_p") if getattr(stats, name) is not None})
+            else:
+                result = torch.empty_like(scores)  # never edit `scores` in place: it may be HF's stored raw logits
+                stats = _guidance(scores, offsets.to(scores.device), idx=candidates, out=result,
+                                  temperature=self.temperature, top_p=top_p)
             result = torch.where(guided[:, None], result, scores)  # unguided rows: bit-exact originals
         zero = torch.zeros((), device=scores.device)
         state.kl += torch.where(active, stats.kl, zero)
         state.kl_sample += torch.where(active, stats.kl if top_p is None else stats.kl_top_p, zero)
         return result
+
+    def _masked(self, scores, candidates, offsets, top_p):
+        """``tail="mask"``: guided logits ``l + o`` on ``C`` and ``-inf`` elsewhere; the guidance epilogue runs
+        on the ``[B, k]`` candidate logits, and ``-log π_ref(C)`` turns its KLs (against the reference
+        renormalised on ``C``) into KLs against the full reference."""
+        sub = scores.gather(-1, candidates).float()
+        guided_sub = torch.empty_like(sub)
+        stats = _guidance(sub, offsets, out=guided_sub, temperature=self.temperature, top_p=top_p)
+        tempered = scores.float() / self.temperature
+        log_mass_c = torch.logsumexp(sub / self.temperature, -1) - torch.logsumexp(tempered, -1)  # log π_ref(C)
+        result = torch.full_like(scores, float("-inf"))
+        result.scatter_(-1, candidates, guided_sub.to(scores.dtype))
+        kl_top_p = None if stats.kl_top_p is None else stats.kl_top_p - log_mass_c
+        return result, stats._replace(kl=stats.kl - log_mass_c, kl_top_p=kl_top_p)
 
     # ------------------------------------------------------------------------------------------ results
     def sequence_kl(self) -> dict[str, torch.Tensor]:
