@@ -26,6 +26,8 @@ _EXPORTS = {
     "OracleScorer": "guidedecode.strategies",
     "MeanLogProbScorer": "guidedecode.strategies",
     "ValueModelScorer": "guidedecode.strategies",
+    "FeedbackLoop": "guidedecode.strategies",
+    "Verifier": "guidedecode.strategies",
     "BeamSearch": "guidedecode.strategies",
     "TokenBeamSearch": "guidedecode.strategies",
     "Revision": "guidedecode.strategies",

@@ -480,3 +480,69 @@ def test_other_bad_input_names_the_problem(backend):
         SelfConsistency(2, equivalence="fuzzy")
     with pytest.raises(StrategyError, match="empty question"):
         Revision(2).run(backend, [""])
+
+
+# ------------------------------------------------------------------ the feedback-loop controller
+
+
+def test_feedback_loop_oracle_reports_attempts_up_to_the_solving_one(backend):
+    from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
+
+    prompts, n = ["Say something:", "Another thing:"], 4
+    samples = backend.sample(prompts, n, max_new_tokens=3, temperature=1.0, seed=11)
+    golds = [samples[0][2].text, "no sample says this"]
+    loop = FeedbackLoop(backend, Verifier.oracle(lambda text, gold: text == gold), budget=n, strategy="best_of_n",
+                        temperature=1.0, seed=11, max_new_tokens=3)
+    before = backend.stats.counters()
+    solved, unsolved = loop.run(prompts, golds)
+    spent = backend.stats.since(before)
+    first_hit = next(i for i, c in enumerate(samples[0]) if c.text == golds[0]) + 1
+    assert solved["solved_at"] == first_hit and unsolved["solved_at"] is None
+    assert [a["text"] for a in solved["attempts"]] == [c.text for c in samples[0][:first_hit]]
+    assert [a["verdict"] for a in solved["attempts"]] == [False] * (first_hit - 1) + [True]
+    assert [a["text"] for a in unsolved["attempts"]] == [c.text for c in samples[1]]
+    assert all(a["verdict"] is False for a in unsolved["attempts"])
+    assert solved["text"] == golds[0] and solved["verifier"] == "oracle"
+    assert solved["cost"]["generated_tokens"] * 2 == spent["generated_tokens"] > 0
+
+
+def test_feedback_loop_without_a_verifier_votes_and_judges_nothing(backend):
+    from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
+
+    loop = FeedbackLoop(backend, Verifier.none(), budget=3, strategy="self_consistency", temperature=1.0, seed=3,
+                        max_new_tokens=4, extractor=lambda text: text[:1] or None, equivalence="exact")
+    (report,) = loop.run(["Pick a letter:"])
+    texts = [a["text"] for a in report["attempts"]]
+    assert len(texts) == 3 and all(a["verdict"] is None for a in report["attempts"])
+    firsts = [t[:1] for t in texts if t[:1]]
+    # the voted answer is the most frequent first character (ties: the earliest)
+    assert report["answer"] == max(firsts, key=lambda c: (firsts.count(c), -firsts.index(c)))
+    assert report["solved_at"] is None and report["verifier"] == "none"
+
+
+def test_feedback_loop_reward_model_ranks_beams(backend):
+    from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
+    from guidedecode.strategies.scorers import MeanLogProbScorer
+
+    loop = FeedbackLoop(backend, Verifier.reward_model(MeanLogProbScorer()), budget=2, strategy="beam",
+                        expansions=2, step_stop="\n", max_steps=2, max_step_tokens=3, seed=0, max_new_tokens=6)
+    (report,) = loop.run(["Count:"])
+    assert 1 <= len(report["attempts"]) <= 2 and report["verifier"] == "reward_model"
+    assert report["text"] == report["attempts"][0]["text"]  # no oracle: the top-ranked beam
+
+
+def test_feedback_loop_bad_input_is_named(backend):
+    from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
+    from guidedecode.strategies.scorers import MeanLogProbScorer
+
+    with pytest.raises(StrategyError, match="unknown strategy 'fttt'"):
+        FeedbackLoop(backend, Verifier.none(), strategy="fttt")
+    with pytest.raises(StrategyError, match="only best_of_n and beam"):
+        FeedbackLoop(backend, Verifier.reward_model(MeanLogProbScorer()), strategy="revision")
+    with pytest.raises(StrategyError, match="needs a Verifier"):
+        FeedbackLoop(backend, "oracle")
+    with pytest.raises(StrategyError, match="callable scorer"):
+        Verifier.reward_model(3)
+    with pytest.raises(StrategyError, match="pass golds="):
+        FeedbackLoop(backend, Verifier.oracle(), budget=2).run(["Q:"])
+    assert FeedbackLoop(backend, Verifier.none(), budget=2).run([]) == []

@@ -4,6 +4,7 @@ from guidedecode.strategies.base import StepStrategy, StrategyResult
 from guidedecode.strategies.beam_search import BeamSearch, TokenBeamSearch
 from guidedecode.strategies.best_of_n import BestOfN
 from guidedecode.strategies.budget import AttemptLog
+from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
 from guidedecode.strategies.rationalyst import RationaleGuidedStepSearch, RationaleStepSearch, contains_answer_marker
 from guidedecode.strategies.revision import Revision
 from guidedecode.strategies.scorers import MeanLogProbScorer, OracleScorer, ValueModelScorer
@@ -11,6 +12,8 @@ from guidedecode.strategies.self_consistency import SelfConsistency, vote
 from guidedecode.strategies.self_refine import SelfRefine
 
 __all__ = [
-    "StepStrategy", "StrategyResult", "AttemptLog", "BestOfN", "SelfConsistency", "BeamSearch", "TokenBeamSearch",
-    "Revision", "SelfRefine", "RationaleStepSearch", "RationaleGuidedStepSearch", "contains_answer_marker", "OracleScorer", "MeanLogProbScorer", "ValueModelScorer", "vote",
+    "StepStrategy", "StrategyResult", "AttemptLog", "FeedbackLoop", "Verifier",
+    "BestOfN", "SelfConsistency", "BeamSearch", "TokenBeamSearch", "Revision", "SelfRefine",
+    "RationaleStepSearch", "RationaleGuidedStepSearch", "contains_answer_marker",
+    "OracleScorer", "MeanLogProbScorer", "ValueModelScorer", "vote",
 ]
