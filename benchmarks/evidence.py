@@ -35,6 +35,12 @@ def qsharp_suite(args) -> list[tuple[str, dict]]:
         runs.append((f"qsharp-eta{eta:g}", {"guide": "qsharp", "params": {**value_model, "eta": str(eta)}}))
     runs.append((f"cd-eta{args.etas[0]:g}", {"guide": "qsharp",
                                              "params": {**value_model, "eta": str(args.etas[0]), "mode": "cd"}}))
+    # the value model as best-of-N's reward model on the same number of samples (spec test_time_scaling §3.1)
+    n = str(args.samples)
+    reward = {**value_model, "n": n, "scorer": "value", "temperature": str(args.temperature), "top_p": str(args.top_p)}
+    for selection in ("argmax", "weighted_vote"):
+        runs.append((f"best-of-{n}-value-{selection.replace('_', '-')}",
+                     {"strategy": "best-of-n", "samples": 1, "params": {**reward, "selection": selection}}))
     return runs
 
 
