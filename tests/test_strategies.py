@@ -26,9 +26,9 @@ def test_vote_with_known_counts():
 def test_math_equivalence_classes_through_math_verify():
     groups = vote(["1/2", "0.5", "\\frac{1}{2}", "3", "3"], None)
     assert groups[0] == [3, 4]
-    from guidedecode.strategies.self_consistency import _math_equivalent_many
+    from guidedecode.strategies.self_consistency import math_equivalent_many
 
-    groups = vote(["1/2", "0.5", "\\frac{1}{2}", "3", "3"], _math_equivalent_many)
+    groups = vote(["1/2", "0.5", "\\frac{1}{2}", "3", "3"], math_equivalent_many)
     assert groups[0] == [0, 1, 2]
 
 

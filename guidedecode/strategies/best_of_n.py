@@ -24,7 +24,7 @@ from guidedecode.errors import StrategyError
 from guidedecode.strategies.base import StepStrategy, StrategyResult
 from guidedecode.strategies.budget import AttemptLog, check_budget, check_candidates, oracle_golds
 from guidedecode.strategies.scorers import MeanLogProbScorer
-from guidedecode.strategies.self_consistency import _math_equivalent_many, _math_extract, vote
+from guidedecode.strategies.self_consistency import math_equivalent_many, math_extract, vote
 
 SELECTIONS = ("argmax", "weighted_vote")
 
@@ -51,8 +51,8 @@ class BestOfN(StepStrategy):
         self.temperature, self.top_p, self.stop, self.seed = temperature, top_p, stop, seed
         self.scorer = scorer or MeanLogProbScorer()
         self.selection = selection
-        self.extract = extract or _math_extract
-        self.equivalent_many = None if equivalence == "exact" else _math_equivalent_many
+        self.extract = extract or math_extract
+        self.equivalent_many = None if equivalence == "exact" else math_equivalent_many
         self.check = check
 
     def run(self, backend, prompts, *, golds=None):

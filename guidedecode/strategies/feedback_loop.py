@@ -30,7 +30,7 @@ from guidedecode.strategies.beam_search import BeamSearch
 from guidedecode.strategies.best_of_n import BestOfN
 from guidedecode.strategies.revision import Revision
 from guidedecode.strategies.scorers import math_answer_check
-from guidedecode.strategies.self_consistency import SelfConsistency, _math_extract
+from guidedecode.strategies.self_consistency import SelfConsistency, math_extract
 from guidedecode.strategies.self_refine import SelfRefine
 
 STRATEGIES = ("best_of_n", "self_consistency", "beam", "revision", "self_refine")
@@ -81,7 +81,7 @@ class FeedbackLoop:
             raise StrategyError(f"a reward-model verifier ranks attempts, which only {' and '.join(RANKING)} do; "
                                 f"{strategy} needs Verifier.oracle() or Verifier.none()")
         self.backend, self.verifier, self.strategy_name = backend, verifier, strategy
-        self.extract = extractor or _math_extract
+        self.extract = extractor or math_extract
         check = verifier.check if verifier.kind == "oracle" else None
         if strategy == "best_of_n":
             self.strategy = BestOfN(budget, scorer=verifier.scorer, check=check, extract=self.extract,

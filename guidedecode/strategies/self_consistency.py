@@ -66,8 +66,8 @@ class SelfConsistency(StepStrategy):
         self.n = check_budget(n, "n", "SelfConsistency")
         self.temperature, self.top_p, self.stop, self.seed = temperature, top_p, stop, seed
         self.check = check
-        self.extract = extract or _math_extract
-        self.equivalent_many = None if equivalence == "exact" else equivalent_many or _math_equivalent_many
+        self.extract = extract or math_extract
+        self.equivalent_many = None if equivalence == "exact" else equivalent_many or math_equivalent_many
 
     def run(self, backend, prompts, *, golds=None):
         golds = oracle_golds(prompts, golds, self.check, "SelfConsistency")
@@ -99,13 +99,15 @@ class SelfConsistency(StepStrategy):
                           head=head)
 
 
-def _math_extract(text: str) -> str | None:
+def math_extract(text: str) -> str | None:
+    """The final answer of a math completion (``\\boxed{}`` > "The answer is" > ``####`` > last number), or None."""
     from guidedecode.tasks import extract_answer
 
     return extract_answer(text, "math")
 
 
-def _math_equivalent_many(pairs: list[tuple[str, str]]) -> list[bool]:
+def math_equivalent_many(pairs: list[tuple[str, str]]) -> list[bool]:
+    """math-verify equivalence of each answer pair, in one batch (``1/2`` and ``0.5`` are equal)."""
     from guidedecode.tasks import default_checker
 
     return default_checker().equivalent_many(pairs)
