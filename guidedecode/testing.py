@@ -48,6 +48,19 @@ def tiny_model(arch: str = "llama", seed: int = 0, *, vocab_size: int = 512, **o
     return model.eval()
 
 
+def random_value_model(arch: str = "llama", head: str = "v", loss: str = "bce", num_atoms: int | None = None,
+                       seed: int = 5, std: float = 0.5):
+    """A :class:`~guidedecode.value_model.ValueModel` on a tiny random backbone with a random head
+    (``N(0, std^2)`` weights, deterministic in ``seed``): non-trivial offsets for guide tests."""
+    from guidedecode.value_model import ValueModel
+
+    vm = ValueModel.from_backbone(tiny_model(arch, seed=seed), head=head, loss=loss, num_atoms=num_atoms)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        vm.head.weight.copy_(torch.randn(vm.head.weight.shape, generator=generator) * std)
+    return vm
+
+
 @torch.no_grad()
 def brute_value(value_model, prefix: list[int], candidates: list[int]) -> torch.Tensor:
     """``[k, A]`` value logits of ``prefix + [c]`` for each candidate ``c``, computed the slow way: a full,

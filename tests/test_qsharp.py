@@ -8,26 +8,16 @@ from transformers import LogitsProcessor
 
 from guidedecode.errors import GuideError
 from guidedecode.guides.qsharp import QSharpGuide, qsharp_offsets
-from guidedecode.testing import brute_value, tiny_model
+from guidedecode.backends.hf import left_pad as pad_rows
+from guidedecode.testing import brute_value, random_value_model, tiny_model
 from guidedecode.value_model import ValueModel
 
 EOS = PAD = 1  # tiny models
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def random_value_model(arch="llama", head="v", loss="bce", num_atoms=None, seed=5, std=0.5):
-    vm = ValueModel.from_backbone(tiny_model(arch, seed=seed), head=head, loss=loss, num_atoms=num_atoms)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        vm.head.weight.copy_(torch.randn(vm.head.weight.shape, generator=gen) * std)
-    return vm
-
-
 def left_pad(prompts):
-    width = max(map(len, prompts))
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+    return pad_rows(prompts, PAD)
 
 
 def strip(row, width, eos):
