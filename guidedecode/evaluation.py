@@ -221,7 +221,8 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
     if rows and all("attempts" in r for r in rows):
         summary["attempts_mean"] = sum(sum(r["attempts"]) for r in rows) / sum(len(r["attempts"]) for r in rows)
     if rows and all("cost" in r for r in rows):  # per problem, averaged over problems (all samples included)
-        summary["cost_per_problem"] = {name: sum(r["cost"][name] for r in rows) / len(rows) for name in rows[0]["cost"]}
+        summary["cost_per_problem"] = {name: sum(r["cost"][name] for r in rows) / len(rows)
+                                       for name in rows[0]["cost"]}
     seconds = sum(r["seconds"] for r in rows)
     summary["seconds"] = seconds
     summary["tokens_per_second"] = summary["tokens_generated"] / seconds if seconds > 0 else None

@@ -74,9 +74,9 @@ def test_shared_prefix_equals_alone_and_brute_force(backend):
     # the boundary really merges: the continuation owns a token that starts inside the prefix
     ids, first = backend.join(PREFIX, "ld")
     assert backend.tokenizer.decode(ids[first:first + 1]) == " world"
-    before = backend.stats.extra.get("score_forward_tokens", 0)
+    before = backend.stats.prompt_tokens
     scores = backend.score(PREFIX, CONTINUATIONS)  # 7 candidates in chunks of 3
-    forwarded = backend.stats.extra["score_forward_tokens"] - before
+    forwarded = backend.stats.prompt_tokens - before
     assert_scores(scores, backend.model, joined)
     # the prefix ran once: far fewer tokens than running every joined candidate
     assert forwarded < sum(len(ids) for ids, _ in joined) - 4 * len(backend.encode("Question: what is 3 + 4?"))
@@ -306,13 +306,19 @@ def test_triton_scoring_path_odd_vocabulary(tokenizer, arch):
 def test_cost_counters_count_prompt_tokens_and_forward_passes(llama):
     """Scoring: one prefix forward + one suffix forward per chunk; the tokens fed count as prompt tokens.
     Sampling: every returned sequence carries its prompt; one forward per decoding step."""
-    before, fed_before = llama.stats.counters(), llama.stats.extra.get("score_forward_tokens", 0)
+    before = llama.stats.counters()
     llama.score(PREFIX, CONTINUATIONS[:3])  # 3 candidates, batch_size 3: one chunk
     spent = llama.stats.since(before)
     assert spent["forward_passes"] == 2 and spent["score_calls"] == 1
-    assert spent["prompt_tokens"] == llama.stats.extra["score_forward_tokens"] - fed_before
-    joined = [len(ids) for ids, _ in (llama.join(PREFIX, c) for c in CONTINUATIONS[:3])]
-    assert 0 < spent["prompt_tokens"] < sum(joined)  # the shared prefix ran once
+    # fed: the shared prefix once (the longest common token prefix, capped at the earliest continuation
+    # start), then each candidate's remaining tokens but its last (which predicts nothing)
+    joined = [llama.join(PREFIX, c) for c in CONTINUATIONS[:3]]
+    shared = 0
+    while shared < min(f for _, f in joined) and len({ids[shared] for ids, _ in joined}) == 1:
+        shared += 1
+    assert shared > 0  # the three joins do share a prefix here
+    assert spent["prompt_tokens"] == shared + sum(len(ids) - 1 - shared for ids, _ in joined)
+    assert spent["prompt_tokens"] < sum(len(ids) for ids, _ in joined)  # the shared prefix ran once
 
     prompts = ["Say a number:", "Count to three please:"]
     before = llama.stats.counters()

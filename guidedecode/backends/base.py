@@ -73,6 +73,15 @@ class BackendStats:
 
     COUNTERS = ("generated_tokens", "prompt_tokens", "scored_tokens", "forward_passes", "sample_calls", "score_calls")
 
+    def count_generate(self, *, prompt_tokens: int = 0, steps: int = 0, generated_tokens: int = 0,
+                       calls: int = 0) -> None:
+        """Account for ``generate`` work: prompt tokens fed, decoding steps (one forward pass each),
+        tokens kept, backend calls."""
+        self.prompt_tokens += prompt_tokens
+        self.forward_passes += steps
+        self.generated_tokens += generated_tokens
+        self.sample_calls += calls
+
     def counters(self) -> dict[str, int]:
         """The counters as a plain dict (for ``since`` and for records)."""
         return {name: getattr(self, name) for name in self.COUNTERS}

@@ -108,8 +108,8 @@ class HFBackend:
                 **options,
             )
             generated = output[:, input_ids.shape[1] :].tolist()
-            self.stats.prompt_tokens += n * sum(len(row) for row in chunk)
-            self.stats.forward_passes += output.shape[1] - input_ids.shape[1]
+            self.stats.count_generate(prompt_tokens=n * sum(len(row) for row in chunk),
+                                      steps=output.shape[1] - input_ids.shape[1])
             figures = self._guide_figures(len(generated))
             for i in range(len(chunk)):
                 rows = generated[i * n : (i + 1) * n]
@@ -117,8 +117,7 @@ class HFBackend:
                 for j, completion in enumerate(completions):
                     completion.info.update({key: values[i * n + j] for key, values in figures.items()})
                 results.append(completions)
-        self.stats.sample_calls += 1
-        self.stats.generated_tokens += sum(c.num_tokens for row in results for c in row)
+        self.stats.count_generate(generated_tokens=sum(c.num_tokens for row in results for c in row), calls=1)
         return results
 
     def _guide_figures(self, rows: int) -> dict[str, list[float]]:
@@ -265,9 +264,7 @@ class HFBackend:
         positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         last = self._forward(plan, prefix_ids, prefix_mask, positions, cache, last_only=True)  # [G, H or V]
-        fed = sum(unit.length for unit in units)
-        self.stats.extra["score_forward_tokens"] = self.stats.extra.get("score_forward_tokens", 0) + fed
-        self.stats.prompt_tokens += fed
+        self.stats.prompt_tokens += sum(unit.length for unit in units)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             is_last_chunk = start + self.batch_size >= len(rows)
@@ -321,7 +318,6 @@ class HFBackend:
                 cache,
                 last_only=False,
             )  # [n, width, H or V]
-            self.stats.extra["score_forward_tokens"] += sum(fed)
             self.stats.prompt_tokens += sum(fed)
         lp0, lp = self._target_logprobs(plan, last[group[keep0.to(device)]], targets0, hidden, keep, targets)
         first_lp = torch.zeros(n)

@@ -209,9 +209,8 @@ class TokenBeamSearch(StepStrategy):
             stop_strings=stops or None, tokenizer=backend.tokenizer if stops else None,
         )
         rows = output[:, input_ids.shape[1]:].tolist()
-        backend.stats.sample_calls += 1
-        backend.stats.prompt_tokens += width * len(prompt_ids)  # generate expands the prompt to every beam
-        backend.stats.forward_passes += output.shape[1] - input_ids.shape[1]
         completions = [backend._completion(row, stops, self.max_new_tokens) for row in rows]
-        backend.stats.generated_tokens += sum(c.num_tokens for c in completions)
+        backend.stats.count_generate(prompt_tokens=width * len(prompt_ids),  # the prompt is expanded to every beam
+                                     steps=output.shape[1] - input_ids.shape[1],
+                                     generated_tokens=sum(c.num_tokens for c in completions), calls=1)
         return completions
