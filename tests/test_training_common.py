@@ -1,0 +1,159 @@
+"""The shared trainer pieces: resumable collection, settings, dev split, the checkpointed loop."""
+
+import json
+
+import pytest
+import torch
+
+from guidedecode.errors import TrainingError
+from guidedecode.testing import tiny_model
+from guidedecode.training.common import (
+    FitConfig,
+    LMExample,
+    check_settings,
+    collate,
+    collect_resumable,
+    fit,
+    masked_loss_sum,
+    split_dev,
+    trainable_state,
+)
+
+
+def _examples(n=10, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 5 + i % 4
+        ids = torch.randint(2, 500, (length,), generator=generator).tolist()
+        out.append(LMExample(ids, [-100, -100] + ids[2:]))
+    return out
+
+
+def _lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", seed=1)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["gate_proj"]))
+
+
+class _Kill(Exception):
+    pass
+
+
+def _kill_at(step):
+    def on_step(global_step):
+        if global_step == step:
+            raise _Kill
+
+    return on_step
+
+
+def test_fit_resumes_bit_identical_after_a_kill(tmp_path):
+    examples = _examples()
+    train, dev = split_dev(examples, 0.2, seed=0)
+    config = FitConfig(epochs=3, batch_size=2, grad_accum=2, lr=1e-2, save_every=1)
+    straight = _lora_model()
+    result = fit(straight, train, dev, tmp_path / "a", config, pad_token_id=1)
+    assert result.global_step == result.total_steps == 3 * 2
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert all(h["dev_loss"] is not None for h in result.history)
+
+    # killed after step 3 (checkpoint 3 written), then again after step 5 with save_every=2: the
+    # second resume starts from checkpoint 4 and redoes step 5
+    killed = _lora_model()
+    with pytest.raises(_Kill):
+        fit(killed, train, dev, tmp_path / "b", config, pad_token_id=1, on_step=_kill_at(3))
+    again = _lora_model()
+    sparse = FitConfig(**{**config.__dict__, "save_every": 2})
+    with pytest.raises(_Kill):
+        fit(again, train, dev, tmp_path / "b", sparse, pad_token_id=1, on_step=_kill_at(5))
+    resumed = _lora_model()
+    result_b = fit(resumed, train, dev, tmp_path / "b", sparse, pad_token_id=1)
+    assert result_b.history == result.history
+    assert result_b.selected_epoch == result.selected_epoch
+    a, b = trainable_state(straight), trainable_state(resumed)
+    assert set(a) == set(b) and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+    # a finished run reloads its selected weights
+    fresh = _lora_model()
+    again_result = fit(fresh, train, dev, tmp_path / "a", config, pad_token_id=1)
+    assert again_result.resumed_finished
+    for name, tensor in trainable_state(fresh).items():
+        assert torch.equal(tensor, a[name])
+
+
+def test_fit_selects_the_best_dev_epoch(tmp_path):
+    examples = _examples(8)
+    train, dev = split_dev(examples, 0.25, seed=1)
+    model = _lora_model()
+    # a huge learning rate makes later epochs worse on dev: the selected epoch is the best one
+    result = fit(model, train, dev, tmp_path, FitConfig(epochs=3, batch_size=2, lr=0.5, schedule="constant"),
+                 pad_token_id=1)
+    losses = [h["dev_loss"] for h in result.history]
+    assert result.selected_epoch == losses.index(min(losses))
+    from guidedecode.training.common import held_out_loss
+
+    now = held_out_loss(model, dev, batch_size=2, collate_fn=lambda b: collate(b, 1))
+    assert now == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_fit_max_steps_and_refuses_other_settings(tmp_path):
+    train, dev = split_dev(_examples(), 0.2, seed=0)
+    model = _lora_model()
+    result = fit(model, train, dev, tmp_path, FitConfig(epochs=5, batch_size=2, max_steps=3), pad_token_id=1)
+    assert result.global_step == 3 and len(result.history) == 1 and result.history[0]["steps"] == 3
+    with pytest.raises(TrainingError, match="other settings"):
+        fit(_lora_model(), train, dev, tmp_path, FitConfig(epochs=5, batch_size=2, max_steps=4), pad_token_id=1)
+
+
+def test_fit_bad_input(tmp_path):
+    with pytest.raises(TrainingError, match="grad_accum"):
+        FitConfig(grad_accum=0).validate()
+    with pytest.raises(TrainingError, match="schedule"):
+        FitConfig(schedule="wobbly").validate()
+    with pytest.raises(TrainingError, match="no training examples"):
+        fit(_lora_model(), [], [], tmp_path, FitConfig(), pad_token_id=1)
+    frozen = tiny_model("llama").requires_grad_(False)
+    with pytest.raises(TrainingError, match="no trainable parameters"):
+        fit(frozen, _examples(2), [], tmp_path, FitConfig(), pad_token_id=1)
+    with pytest.raises(TrainingError, match="no target tokens"):
+        masked_loss_sum(frozen, collate([LMExample([3, 4], [-100, -100])], 1))
+
+
+def test_collect_resumable_skips_done_chunks(tmp_path):
+    calls = []
+
+    def work(chunk, index):
+        calls.append(index)
+        return [{"id": str(x), "square": x * x, "chunk": index} for x in chunk]
+
+    path = tmp_path / "data.jsonl"
+    first = collect_resumable(list(range(5)), path, work, key=str, chunk_size=2)
+    assert [r["square"] for r in first] == [0, 1, 4, 9, 16] and calls == [0, 1, 2]
+    # a torn last line is dropped and that chunk recomputed; the others are read back
+    text = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(text[:-1]) + text[-1][:5])
+    calls.clear()
+    second = collect_resumable(list(range(5)), path, work, key=str, chunk_size=2)
+    assert second == first and calls == [2]
+    with pytest.raises(TrainingError, match="expected"):
+        collect_resumable([7], tmp_path / "x.jsonl", lambda c, i: [{"id": "wrong"}], key=str)
+
+
+def test_check_settings_and_split_dev(tmp_path):
+    path = tmp_path / "settings.json"
+    check_settings(path, {"a": 1, "b": 2})
+    check_settings(path, {"a": 1, "b": 3}, may_change=("b",))
+    with pytest.raises(TrainingError, match=r"other settings \(a\)"):
+        check_settings(path, {"a": 2, "b": 3})
+    assert json.loads(path.read_text()) == {"a": 1, "b": 3}
+    train, dev = split_dev(range(10), 0.1, seed=3)
+    assert len(dev) == 1 and sorted(train + dev) == list(range(10))
+    assert split_dev(range(10), 0.1, seed=3) == (train, dev)
+    assert split_dev([1], 0.5, seed=0) == ([1], [])
+    with pytest.raises(TrainingError, match="dev fraction"):
+        split_dev([1, 2], 1.0, seed=0)
