@@ -10,6 +10,7 @@ vocabulary chunks (``guidedecode.kernels.logprobs``): never a log-softmax over `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from collections.abc import Sequence
@@ -40,6 +41,9 @@ class HFBackend:
         self.stats = BackendStats()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.deltas = None
+        """A :class:`~guidedecode.deltas.DeltaInjector` with per-request-row deltas: each ``generate`` chunk
+        selects its prompts' rows (``injector.window``); the injector's hooks must be attached."""
 
     @property
     def device(self) -> torch.device:
@@ -95,18 +99,10 @@ class HFBackend:
             for guide in self.logits_processor:
                 if hasattr(guide, "reset"):
                     guide.reset()
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
-                pad_token_id=self.pad_token_id,
-                eos_token_id=list(self.eos_token_ids),
-                stop_strings=stops or None,
-                tokenizer=self.tokenizer if stops else None,
-                logits_processor=LogitsProcessorList(self.logits_processor),
-                **options,
-            )
+            rows = self.deltas.window(start, start + len(chunk)) if self.deltas is not None and \
+                self.deltas.rows is not None else contextlib.nullcontext()
+            with rows:
+                output = self._generate_chunk(input_ids, attention_mask, n, max_new_tokens, stops, options)
             generated = output[:, input_ids.shape[1] :].tolist()
             self.stats.count_generate(prompt_tokens=n * sum(len(row) for row in chunk),
                                       steps=output.shape[1] - input_ids.shape[1])
@@ -119,6 +115,20 @@ class HFBackend:
                 results.append(completions)
         self.stats.count_generate(generated_tokens=sum(c.num_tokens for row in results for c in row), calls=1)
         return results
+
+    def _generate_chunk(self, input_ids, attention_mask, n, max_new_tokens, stops, options):
+        return self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=list(self.eos_token_ids),
+            stop_strings=stops or None,
+            tokenizer=self.tokenizer if stops else None,
+            logits_processor=LogitsProcessorList(self.logits_processor),
+            **options,
+        )
 
     def _guide_figures(self, rows: int) -> dict[str, list[float]]:
         """Per-row figures of the last ``generate`` from guides that report them (Q#: ``sequence_kl()``)."""

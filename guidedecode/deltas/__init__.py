@@ -1,0 +1,6 @@
+"""In-forward weight deltas (FTTT / OpTune, arXiv 2502.15771): the injector that applies them, the
+OpTune editor that computes them from feedback, FTTT's per-request LoRA, and LoRA export."""
+
+from guidedecode.deltas.injector import DeltaError, DeltaInjector, LowRankDelta, as_delta, find_targets
+
+__all__ = ["DeltaError", "DeltaInjector", "LowRankDelta", "as_delta", "find_targets"]
