@@ -38,6 +38,10 @@ _EXPORTS = {
     "ValueModel": "guidedecode.value_model",
     "get_task": "guidedecode.tasks",
     "GuidedecodeError": "guidedecode.errors",
+    "DeltaInjector": "guidedecode.deltas",
+    "LowRankDelta": "guidedecode.deltas",
+    "find_targets": "guidedecode.deltas",
+    "OpTuneEditor": "guidedecode.deltas",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,5 +2,7 @@
 OpTune editor that computes them from feedback, FTTT's per-request LoRA, and LoRA export."""
 
 from guidedecode.deltas.injector import DeltaError, DeltaInjector, LowRankDelta, as_delta, find_targets
+from guidedecode.deltas.optune import GradientTransform, OpTuneConfig, OpTuneEditor
 
-__all__ = ["DeltaError", "DeltaInjector", "LowRankDelta", "as_delta", "find_targets"]
+__all__ = ["DeltaError", "DeltaInjector", "GradientTransform", "LowRankDelta", "OpTuneConfig", "OpTuneEditor",
+           "as_delta", "find_targets"]
