@@ -1,0 +1,456 @@
+"""Planning tokens: vocabulary extension, step typers, data layout, trace parser, guide, trainer."""
+
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guidedecode.errors import GuideError, TrainingError
+from guidedecode.guides.planning import PlanningTokenGuide
+from guidedecode.planning import (
+    ArithmeticTyper,
+    KMeansTyper,
+    LabelTyper,
+    PlanningTokenError,
+    PlanningVocab,
+    add_planning_tokens,
+    encode,
+    extract_answer,
+    format_trace,
+    parse_trace,
+    prompt_text,
+    target_text,
+    trace_stats,
+    type_examples,
+)
+from guidedecode.testing import tiny_model
+
+PAD_ROWS = 37  # embedding rows beyond len(tokenizer), as Qwen2.5's padded vocabulary
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    from guidedecode.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+def _padded(arch, tokenizer, tied=False, seed=0):
+    return tiny_model(arch, seed=seed, vocab_size=len(tokenizer) + PAD_ROWS, tie_word_embeddings=tied)
+
+
+# ----------------------------------------------------------------------------------------- vocab
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_add_tokens_on_padded_embeddings(base_tokenizer, arch, tied):
+    tokenizer = copy.deepcopy(base_tokenizer)
+    model = _padded(arch, tokenizer, tied)
+    before_in = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    n_tok = len(tokenizer)
+    vocab = add_planning_tokens(model, tokenizer, ["memory", "reason"], n_prefix=3, n_special=2)
+    # 3 + 2 * (answer, assignment, memory, reason) new tokens, ids from len(tokenizer) on
+    assert vocab.new_ids == list(range(n_tok, n_tok + 11)) and len(tokenizer) == n_tok + 11
+    for string, token in zip(vocab.all_strings(), vocab.new_ids):
+        assert tokenizer.convert_tokens_to_ids(string) == token
+        assert tokenizer.decode([token]) == string
+    text = "Q\n " + vocab.block_text("prefix") + vocab.block_text("memory") + " fact\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[2:7] == vocab.ids("prefix") + vocab.ids("memory") and tokenizer.decode(ids) == text
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert inp.shape[0] == n_tok + PAD_ROWS  # padding rows reused, matrix not shrunk or grown
+    assert (out is inp) == tied
+    new = vocab.new_ids
+    assert not torch.equal(inp[new], before_in[new])  # the rows at the new ids were re-initialised
+    old = torch.ones(inp.shape[0], dtype=torch.bool)
+    old[new] = False
+    assert torch.equal(inp[old], before_in[old]) and torch.equal(out[old], before_out[old])
+    # init: near the mean of the init words' rows, all rows distinct
+    words = tokenizer(" memory recall fact", add_special_tokens=False)["input_ids"]
+    mean = before_in[words].mean(0)
+    assert torch.allclose(inp[vocab.ids("memory")[0]], mean, atol=0.05 * before_in.std().item() + 1e-6)
+    assert torch.cdist(inp[new], inp[new]).add(torch.eye(len(new)) * 1e9).min() > 0
+    # a forward pass with the new ids uses those rows
+    logits = model(input_ids=torch.tensor([new])).logits
+    assert logits.shape[-1] == n_tok + PAD_ROWS and torch.isfinite(logits).all()
+
+
+def test_add_tokens_resizes_a_small_matrix(base_tokenizer):
+    tokenizer = copy.deepcopy(base_tokenizer)
+    model = tiny_model("llama", vocab_size=len(tokenizer), tie_word_embeddings=True)
+    vocab = add_planning_tokens(model, tokenizer, ["memory", "reason"], n_prefix=2, n_special=1)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == vocab.new_ids[-1] + 1
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_bad_vocab_settings_name_the_problem(base_tokenizer):
+    tokenizer = copy.deepcopy(base_tokenizer)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    with pytest.raises(PlanningTokenError, match="n_prefix must be"):
+        add_planning_tokens(model, tokenizer, ["memory"], n_prefix=-1)
+    with pytest.raises(PlanningTokenError, match="'Memory!' is not a lower-case identifier"):
+        add_planning_tokens(model, tokenizer, ["Memory!"])
+    with pytest.raises(PlanningTokenError, match="reserved"):
+        add_planning_tokens(model, tokenizer, ["answer"])
+    with pytest.raises(PlanningTokenError, match="duplicate"):
+        add_planning_tokens(model, tokenizer, ["memory", "memory"])
+    with pytest.raises(PlanningTokenError, match="init_text names unknown keys"):
+        add_planning_tokens(model, tokenizer, ["memory"], init_text={"nope": "x"})
+    tokenizer.add_tokens(["<memory_0>"])
+    with pytest.raises(PlanningTokenError, match="<memory_0> collides"):
+        add_planning_tokens(model, tokenizer, ["memory"], n_prefix=1, n_special=1)
+
+
+def test_registry_round_trip(tmp_path, base_tokenizer):
+    tokenizer = copy.deepcopy(base_tokenizer)
+    vocab = add_planning_tokens(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, ["memory", "reason"])
+    vocab.save_pretrained(tmp_path)
+    again = PlanningVocab.from_pretrained(tmp_path)
+    assert again == vocab
+    again.check_tokenizer(tokenizer)
+    with pytest.raises(PlanningTokenError, match="load the tokenizer saved"):
+        again.check_tokenizer(base_tokenizer)
+
+
+# ----------------------------------------------------------------------------------- typers, data
+
+
+def _rows():
+    return [
+        {"id": "a", "question": "Is water wet?", "answer": "True",
+         "steps": ["[rag]: Water is a liquid.", "[reason]: Liquids make things wet."]},
+        {"id": "b", "question": "Can fish fly?", "answer": "False",
+         "steps": ["[reason] and [rag]: Fish swim.", "[rag]: Few fish glide."]},
+    ]
+
+
+def test_label_typer_and_target_layout():
+    vocab = PlanningVocab(("memory", "reason"), 2, 1, 1000)
+    typed = type_examples(_rows(), LabelTyper())
+    assert typed[0]["types"] == [["memory"], ["reason"]] and typed[1]["types"] == [["reason"], ["memory"]]
+    assert typed[0]["steps"] == ["Water is a liquid.", "Liquids make things wet."]
+    expected = ("<prefix_0><prefix_1><memory_0> Water is a liquid.\n"
+                "<prefix_0><prefix_1><reason_0> Liquids make things wet.\n"
+                "<prefix_0><prefix_1><answer_0> The answer is: True\n")
+    assert target_text(typed[0], vocab) == expected
+    assert prompt_text("Is water wet?", vocab) == "Question: Is water wet?\n <prefix_0><prefix_1>"
+    assert target_text(typed[0], None) == "Water is a liquid.\nLiquids make things wet.\nThe answer is: True\n"
+    assert extract_answer(expected) == "True"
+    with pytest.raises(PlanningTokenError, match="example x step 1: step without a \\[rag\\]/\\[reason\\] label"):
+        LabelTyper()([{"id": "x", "question": "q", "steps": ["[rag]: a", "no label"], "answer": "True"}])
+    with pytest.raises(PlanningTokenError, match="example e has no reasoning steps"):
+        type_examples([{"id": "e", "question": "q", "steps": [], "answer": "True"}], LabelTyper())
+
+
+def test_encode_masks_exactly_the_source(base_tokenizer):
+    tokenizer = copy.deepcopy(base_tokenizer)
+    vocab = add_planning_tokens(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, ["memory", "reason"])
+    example = type_examples(_rows(), LabelTyper())[0]
+    ids, labels = encode(tokenizer, example, vocab, eos_token_id=2)
+    source = tokenizer("Question: Is water wet?\n ", add_special_tokens=False)["input_ids"]
+    assert ids[:len(source)] == source and labels[:len(source)] == [-100] * len(source)
+    assert labels[len(source):] == ids[len(source):] and ids[-1] == 2
+    prompt = tokenizer(prompt_text(example["question"], vocab), add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt)] == prompt  # inference prompt = training prefix
+    assert tokenizer.decode(ids[len(source):-1]) == target_text(example, vocab)
+
+
+def test_arithmetic_typer():
+    typer = ArithmeticTyper()
+    steps = ["He has 3*4=<<3*4=12>>12 apples.", "Then 12+5-1=<<12+5-1=16>>16.", "So he is happy.",
+             "Half is 10 / 2 = 5."]
+    assert typer([{"steps": steps}]) == [[["mul"], ["add", "sub"], [], ["div"]]]
+    assert typer.clean(steps[0]) == "He has 3*4=12 apples."
+
+
+def test_kmeans_typer_uses_offsets_and_is_seeded(base_tokenizer):
+    model = tiny_model("llama", vocab_size=len(base_tokenizer))
+    rows = [{"question": f"q{i}", "steps": [f"step {j} of {i}" for j in range(3)], "answer": "1"} for i in range(4)]
+    a = KMeansTyper(model, base_tokenizer, k=3, seed=0).fit(rows)
+    b = KMeansTyper(model, base_tokenizer, k=3, seed=0).fit(rows)
+    assert a(rows) == b(rows)
+    assert all(len(t) == 3 and all(x[0] in a.types for x in t) for t in a(rows))
+    vectors = a.embed(rows[:1])[0]
+    assert vectors.shape == (3, model.config.hidden_size)
+    with pytest.raises(PlanningTokenError, match="k >= 2"):
+        KMeansTyper(model, base_tokenizer, k=1)
+
+
+# ------------------------------------------------------------------------------------------ trace
+
+
+VOCAB = PlanningVocab(("memory", "reason"), 2, 3, 500)
+_types = st.sampled_from(["memory", "reason", "answer", "assignment", "memory+reason"])
+_text = st.text(st.characters(blacklist_characters="<"), max_size=12)
+
+
+@given(st.lists(st.fixed_dictionaries({"type": _types, "text": _text}), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_trace_round_trips(trace):
+    text = format_trace(trace, VOCAB)
+    assert parse_trace(text, VOCAB) == trace
+    assert format_trace(parse_trace(text, VOCAB), VOCAB) == text
+
+
+def test_trace_from_ids_and_stats(base_tokenizer):
+    tokenizer = copy.deepcopy(base_tokenizer)
+    vocab = add_planning_tokens(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, ["memory", "reason"],
+                                n_prefix=2, n_special=2)
+    text = format_trace([{"type": "memory", "text": "A fact."}, {"type": "reason", "text": "So yes."},
+                         {"type": "answer", "text": "The answer is: True"}], vocab)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert parse_trace(ids, vocab, tokenizer) == parse_trace(text, vocab)
+    stats = trace_stats(ids, vocab, tokenizer)
+    assert stats["types"] == {"memory": 1, "reason": 1, "answer": 1} and stats["malformed_blocks"] == 0
+    broken = ids[:3] + ids[4:]  # drop the second prefix token... of the first step's type block
+    assert trace_stats(broken, vocab, tokenizer)["malformed_blocks"] >= 1
+
+
+# ------------------------------------------------------------------------------------------ guide
+
+
+def _run_guide(guide, prompt, steps, seed, vocab_size=520, p_planning=0.5):
+    """Drive the guide with random logits (planning tokens boosted) and greedy picks."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt])
+    for _ in range(steps):
+        scores = torch.randn(1, vocab_size, generator=generator) * 3
+        if torch.rand(1, generator=generator).item() < p_planning:
+            scores[0, VOCAB.new_ids] += 8
+        out = guide(ids, scores)
+        ids = torch.cat([ids, out.argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def _well_formed(tokens, vocab, guide_kwargs):
+    """Check the block grammar and the steering rules over a generated token list."""
+    table = vocab.id_table()
+    trace_blocks, i, mode = [], 0, "choose"  # the prompt ends with the general block
+    seen, steps, done = set(), 0, False
+    while i < len(tokens):
+        hit = table.get(tokens[i])
+        if hit is None:
+            assert mode != "choose", "text right after a general block"
+            assert not (done and hit), "planning token after the answer"
+            mode = "text" if not done else mode
+            i += 1
+            continue
+        key, position = hit
+        assert position == 0, f"block {key} starts at position {position}"
+        size = vocab.block_size(key)
+        block = tokens[i:i + size]
+        assert block == vocab.ids(key)[:len(block)], f"malformed {key} block"
+        assert not done
+        if key == "prefix":
+            assert mode == "text"
+            mode = "choose"
+        else:
+            assert mode == "choose", f"type block {key} outside a choice point"
+            if guide_kwargs.get("force_type"):
+                assert key in (guide_kwargs["force_type"], "answer")
+            assert key not in guide_kwargs.get("ban_types", ())
+            if guide_kwargs.get("memory_before_reason") and key == "reason":
+                assert "memory" in seen
+            if guide_kwargs.get("max_steps") is not None and key != "answer":
+                assert steps < guide_kwargs["max_steps"]
+            if key == "answer":
+                done = True
+            else:
+                steps += 1
+                seen.add(key)
+            mode = "after"
+        i += size
+    return True
+
+
+STEERING = [{}, {"force_type": "memory"}, {"ban_types": ["memory"]}, {"memory_before_reason": True},
+            {"max_steps": 2}, {"ban_types": ["assignment"], "memory_before_reason": True, "max_steps": 3}]
+
+
+@given(seed=st.integers(0, 2**31 - 1), rules=st.sampled_from(STEERING))
+@settings(max_examples=150, deadline=None)
+def test_guide_never_emits_a_malformed_block(seed, rules):
+    guide = PlanningTokenGuide(VOCAB, **rules)
+    prompt = [5, 6, 7] + VOCAB.ids("prefix")
+    tokens = _run_guide(guide, prompt, 40, seed)
+    assert _well_formed(tokens, VOCAB, rules)
+    assert guide.malformed_counts() == [0]
+
+
+def test_guide_is_a_no_op_without_rules_and_completion():
+    guide = PlanningTokenGuide(VOCAB, complete_blocks=False)
+    scores = torch.randn(2, 520)
+    out = guide(torch.tensor([[5, 6], [7, 8]]), scores.clone())
+    assert torch.equal(out, scores)
+
+
+def test_guide_forces_block_rest_and_choice():
+    guide = PlanningTokenGuide(VOCAB)
+    prompt = torch.tensor([[5] + VOCAB.ids("prefix")])
+    out = guide(prompt, torch.zeros(1, 520))
+    allowed = torch.isfinite(out[0]).nonzero().flatten().tolist()
+    assert allowed == sorted(VOCAB.ids(k)[0] for k in VOCAB.type_keys)
+    step = torch.cat([prompt, torch.tensor([[VOCAB.ids("memory")[0]]])], 1)
+    out = guide(step, torch.zeros(1, 520))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [VOCAB.ids("memory")[1]]
+
+
+def test_guide_bad_input():
+    with pytest.raises(GuideError, match="unknown step type 'memroy'"):
+        PlanningTokenGuide(VOCAB, ban_types=["memroy"])
+    with pytest.raises(GuideError, match="answer block cannot be"):
+        PlanningTokenGuide(VOCAB, force_type="answer")
+    with pytest.raises(GuideError, match="max_steps"):
+        PlanningTokenGuide(VOCAB, max_steps=-1)
+    guide = PlanningTokenGuide(VOCAB)
+    bad_prompt = torch.tensor([[5, VOCAB.ids("prefix")[1]]])
+    with pytest.raises(GuideError, match="prompt 0 has a malformed planning-token block"):
+        guide(bad_prompt, torch.zeros(1, 520))
+
+
+def test_guide_composes_with_qsharp_in_generate(base_tokenizer):
+    from guidedecode.guides import QSharpGuide
+    from guidedecode.value_model import ValueModel
+
+    tokenizer = copy.deepcopy(base_tokenizer)
+    model = tiny_model("llama", seed=3, vocab_size=len(tokenizer))
+    vocab = add_planning_tokens(model, tokenizer, ["memory", "reason"], n_prefix=2, n_special=2)
+    value_model = ValueModel.from_backbone(tiny_model("llama", seed=5, vocab_size=len(tokenizer)), head="v",
+                                         tokenizer=tokenizer)
+    with torch.no_grad():
+        value_model.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # make the planning tokens likely so the guide has work to do
+        model.lm_head.weight[vocab.new_ids] *= 0
+        model.lm_head.bias = None
+    prompt = tokenizer([prompt_text("Is water wet?", vocab)] * 2, return_tensors="pt", add_special_tokens=False)
+    qsharp = QSharpGuide(value_model, eta=5.0, top_k=8, eos_token_id=1, pad_token_id=1)
+    planning = PlanningTokenGuide(vocab, tokenizer=tokenizer, eos_token_id=1, pad_token_id=1, force_type="reason")
+    torch.manual_seed(0)
+    out = model.generate(**prompt, logits_processor=[qsharp, planning], do_sample=True, max_new_tokens=30,
+                         pad_token_id=1, top_k=0)
+    generated = out[:, prompt["input_ids"].shape[1]:].tolist()
+    for row in generated:
+        row = row[:row.index(1)] if 1 in row else row
+        assert _well_formed(row, vocab, {"force_type": "reason"})
+        assert any(t in vocab.new_ids for t in row)
+    assert planning.malformed_counts() == [0, 0]
+    assert qsharp.steps > 0
+
+
+# ---------------------------------------------------------------------------------------- trainer
+
+
+def _write_data(path, n=12):
+    rows = []
+    for i in range(n):
+        rows.append({"question": f"Is {i} even?", "answer": "True" if i % 2 == 0 else "False",
+                     "cot_steps": [f"[rag]: {i} is a number.", f"[reason]: {i} mod 2 is {i % 2}."], "split": "train"})
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _loader(arch, tied):
+    from guidedecode.models import load_tokenizer
+
+    def load(name, device=None):
+        tokenizer = copy.deepcopy(load_tokenizer("smollm2-135m-instruct"))
+        return _padded(arch, tokenizer, tied, seed=4), tokenizer
+
+    return load
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False)])
+def test_training_changes_only_lora_and_new_rows(tmp_path, arch, tied):
+    from guidedecode.training.planner import PlannerConfig, load_planner, train_planner
+
+    data = _write_data(tmp_path / "data.json")
+    config = PlannerConfig(data=str(data), n_prefix=2, n_special=2, epochs=2, batch_size=2, grad_accum=1,
+                           lr=5e-2, lora_r=4, lora_alpha=8, save_every=3)
+    metrics = train_planner(config, tmp_path / "run", loader=_loader(arch, tied))
+    assert metrics["train_examples"] == 11 - 0 and metrics["dev_examples"] == 1
+    assert metrics["train_step_types"] == {"memory": 11, "reason": 11}
+    base, tokenizer = _loader(arch, tied)("x")
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    vocab = PlanningVocab.from_pretrained(tmp_path / "run" / "merged")
+    merged, merged_tok, _ = load_planner(tmp_path / "run")
+    assert len(merged_tok) == len(tokenizer) + len(vocab.new_ids)
+    lora_targets = ("gate_proj", "up_proj", "down_proj")
+    new = torch.tensor(vocab.new_ids)
+    old = torch.ones(base.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    old[new] = False
+    changed_new_rows = False
+    for name, tensor in merged.state_dict().items():
+        before = base_state[name]
+        if any(t in name for t in lora_targets):
+            assert not torch.equal(tensor, before), f"{name}: LoRA merged no change"
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            assert torch.equal(tensor[old], before[old]), f"{name}: an old or padding row changed"
+            changed_new_rows |= not torch.allclose(tensor[new], before[new])
+        else:
+            assert torch.equal(tensor, before), f"{name} changed"
+    assert changed_new_rows
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
+    # the merged export equals the adapter model
+    adapter, _, _ = load_planner(tmp_path / "run", adapter=True, base_model="x") if False else (None, None, None)
+    from peft import PeftModel
+
+    base2, _ = _loader(arch, tied)("x")
+    peft_model = PeftModel.from_pretrained(base2, tmp_path / "run" / "adapter").eval()
+    ids = merged_tok(prompt_text("Is 3 even?", vocab) + vocab.block_text("memory") + " yes",
+                     return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        a, b = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged", local_files_only=True)
+    assert torch.allclose(plain(input_ids=ids).logits, b, atol=1e-5)
+
+
+def test_planner_resume_is_bit_identical(tmp_path):
+    from guidedecode.training.common import trainable_state
+    from guidedecode.training.planner import PlannerConfig, train_planner
+
+    data = _write_data(tmp_path / "data.json", n=8)
+    config = PlannerConfig(data=str(data), n_prefix=1, n_special=1, epochs=2, batch_size=2, grad_accum=1,
+                           lr=1e-2, lora_r=2, save_every=2)
+    train_planner(config, tmp_path / "a", loader=_loader("llama", False))
+
+    class Kill(Exception):
+        pass
+
+    def kill(step):
+        if step == 5:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train_planner(config, tmp_path / "b", loader=_loader("llama", False), on_step=kill)
+    train_planner(config, tmp_path / "b", loader=_loader("llama", False))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "train" / "selected.safetensors"))
+    b = load_file(str(tmp_path / "b" / "train" / "selected.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "merged" / "planning_tokens.json").is_file()
+    with pytest.raises(TrainingError, match="other settings"):
+        train_planner(PlannerConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "a",
+                      loader=_loader("llama", False))
+    assert trainable_state  # imported for readers: the trainer saves exactly these tensors
+
+
+def test_planner_bad_input(tmp_path):
+    from guidedecode.training.planner import PlannerConfig, train_planner
+
+    with pytest.raises(TrainingError, match="unknown scheme 'vae'"):
+        train_planner(PlannerConfig(scheme="vae"), tmp_path)
+    with pytest.raises(TrainingError, match="n_prefix and n_special must be >= 0"):
+        train_planner(PlannerConfig(n_prefix=-1), tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question": "q", "answer": "True", "cot_steps": ["no label here"]}] * 3))
+    with pytest.raises(PlanningTokenError, match="step without a \\[rag\\]/\\[reason\\] label"):
+        train_planner(PlannerConfig(data=str(bad)), tmp_path / "r", loader=_loader("llama", False))
