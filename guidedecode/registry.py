@@ -96,6 +96,25 @@ def _rationalyst(tokenizer, k: int = 3, mode: str = "implicit", score_fn: str = 
                                rationale_backend=rationale_backend, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
 
 
+def _dots(tokenizer, trajectory: str = "", mode: str = "", planner: str = "", max_verify_rounds: int = 3,
+          code_retries: int = 1, code_timeout: float = 15.0, constrain: int = 1, temperature: float = 0.0,
+          max_new_tokens: int = 512):
+    """DOTS plan-then-execute. ``trajectory``: a fixed trajectory, e.g. ``CoT``, ``PoT``,
+    ``decomposition,PoT,verifier`` (code ids or paper names); else ``mode=external`` (``planner=``: a
+    planner model, default: the solver prompted as planner) or ``mode=internal``. PoT code runs in the sandbox."""
+    from guidedecode.dots import DOTS
+
+    planner_backend = None
+    if planner:
+        from guidedecode.backends import HFBackend
+        from guidedecode.models import load_model
+
+        planner_backend = HFBackend(*load_model(planner))
+    return DOTS(trajectory or None, mode=mode or None, planner=planner_backend, max_verify_rounds=max_verify_rounds,
+                code_retries=code_retries, code_timeout=code_timeout, constrain=bool(constrain),
+                temperature=temperature, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+
+
 def _with_oracle(strategy, oracle: int):
     """``oracle=1``: the eval harness gives the strategy the task's checker (oracle stop, solved@k)."""
     strategy.oracle = bool(oracle)
@@ -140,6 +159,7 @@ STRATEGIES: dict[str, Callable] = {
     "revision": _revision,
     "self-refine": _self_refine,
     "rationalyst": _rationalyst,
+    "dots": _dots,
 }
 
 
