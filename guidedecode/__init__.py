@@ -34,6 +34,10 @@ _EXPORTS = {
     "SelfRefine": "guidedecode.strategies",
     "RationaleStepSearch": "guidedecode.strategies",
     "QSharpGuide": "guidedecode.guides",
+    "PlanningTokenGuide": "guidedecode.guides",
+    "PlanningVocab": "guidedecode.planning",
+    "add_planning_tokens": "guidedecode.planning",
+    "parse_trace": "guidedecode.planning",
     "qsharp_offsets": "guidedecode.guides",
     "ValueModel": "guidedecode.value_model",
     "get_task": "guidedecode.tasks",
@@ -42,6 +46,8 @@ _EXPORTS = {
     "LowRankDelta": "guidedecode.deltas",
     "find_targets": "guidedecode.deltas",
     "OpTuneEditor": "guidedecode.deltas",
+    "OpTune": "guidedecode.strategies",
+    "FTTT": "guidedecode.strategies",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -54,8 +54,9 @@ def _row_deltas(model, names, rows):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_prefill_and_cached_decode_equal_edited_weights(arch, attn):
+@pytest.mark.parametrize("attn,backend", [("sdpa", "auto"), ("eager", "torch")])
+def test_prefill_and_cached_decode_equal_edited_weights(arch, attn, backend):
+    """``auto``: the Triton kernel (interpreted on CPU); ``torch``: the torch path."""
     model = tiny_model(arch, seed=1, attn_implementation=attn)
     names = find_targets(model, ("q_proj", "v_proj"), layers=[-1]) + find_targets(model, "down_proj", layers=[0])
     per_row = _row_deltas(model, names, 3)
@@ -63,7 +64,7 @@ def test_prefill_and_cached_decode_equal_edited_weights(arch, attn):
     steps = torch.tensor([[7], [9], [11]])
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask).logits
-        with DeltaInjector(model, per_row):
+        with DeltaInjector(model, per_row, backend=backend):
             out = model(input_ids=ids, attention_mask=mask, use_cache=True)
             cache = out.past_key_values
             step = model(input_ids=steps, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),

@@ -150,11 +150,12 @@ class DeltaInjector:
     """Forward hooks adding per-row low-rank deltas to linear layers (see the module docstring).
 
     ``deltas``: ``{module name: delta | [delta or None per request row]}``; a delta is anything
-    :func:`as_delta` accepts. ``backend``: kernel backend of :func:`~guidedecode.kernels.lowrank.lowrank_update`.
+    :func:`as_delta` accepts. ``backend``: kernel backend of :func:`~guidedecode.kernels.lowrank.lowrank_update`;
+    ``None`` (default) = the Triton kernel on CUDA, torch otherwise (the CPU interpreter is a test device).
     Use as a context manager (hooks on inside, removed on exit) or with :meth:`attach` / :meth:`remove`.
     """
 
-    def __init__(self, model: nn.Module, deltas: Mapping | None = None, *, backend: str = "auto"):
+    def __init__(self, model: nn.Module, deltas: Mapping | None = None, *, backend: str | None = None):
         self.model = model
         self.backend = backend
         self._linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -297,8 +298,8 @@ class DeltaInjector:
             y3 = output.reshape(batch, -1, output.shape[-1])
             index = self.row_index(name, batch)
             inplace = not (torch.is_grad_enabled() and output.requires_grad)
-            y3 = lowrank_update(y3, x3, packed.A, packed.B, packed.scale, index, inplace=inplace,
-                                backend=self.backend)
+            backend = self.backend or ("auto" if x.is_cuda else "torch")
+            y3 = lowrank_update(y3, x3, packed.A, packed.B, packed.scale, index, inplace=inplace, backend=backend)
             return y3.reshape(output.shape)
 
         return hook

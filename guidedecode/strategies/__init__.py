@@ -10,10 +10,11 @@ from guidedecode.strategies.revision import Revision
 from guidedecode.strategies.scorers import MeanLogProbScorer, OracleScorer, ValueModelScorer
 from guidedecode.strategies.self_consistency import SelfConsistency, vote
 from guidedecode.strategies.self_refine import SelfRefine
+from guidedecode.strategies.weight_update import FTTT, OpTune
 
 __all__ = [
     "StepStrategy", "StrategyResult", "AttemptLog", "FeedbackLoop", "Verifier",
     "BestOfN", "SelfConsistency", "BeamSearch", "TokenBeamSearch", "Revision", "SelfRefine",
     "RationaleStepSearch", "RationaleGuidedStepSearch", "contains_answer_marker",
-    "OracleScorer", "MeanLogProbScorer", "ValueModelScorer", "vote",
+    "OracleScorer", "MeanLogProbScorer", "ValueModelScorer", "vote", "FTTT", "OpTune",
 ]
