@@ -33,7 +33,8 @@ from guidedecode.strategies.scorers import math_answer_check
 from guidedecode.strategies.self_consistency import SelfConsistency, math_extract
 from guidedecode.strategies.self_refine import SelfRefine
 
-STRATEGIES = ("best_of_n", "self_consistency", "beam", "revision", "self_refine")
+STRATEGIES = ("best_of_n", "self_consistency", "beam", "revision", "self_refine", "optune", "fttt", "fttt+")
+WEIGHT_UPDATE = ("optune", "fttt", "fttt+")  # test-time weight updates (strategies.weight_update; HF backends)
 RANKING = ("best_of_n", "beam")  # the strategies a reward model can drive
 
 
@@ -94,6 +95,13 @@ class FeedbackLoop:
                                        **options)
         elif strategy == "revision":
             self.strategy = Revision(budget, check=check, **options)
+        elif strategy in WEIGHT_UPDATE:
+            from guidedecode.strategies.weight_update import FTTT, OpTune
+
+            if strategy == "optune":
+                self.strategy = OpTune(budget, check=check, **options)
+            else:
+                self.strategy = FTTT(budget, check=check, reflection=strategy == "fttt+", **options)
         else:
             self.strategy = SelfRefine(budget, check=check, **options)
 
@@ -103,9 +111,11 @@ class FeedbackLoop:
             raise StrategyError("an oracle verifier judges against gold answers: pass golds= to run()")
         if not prompts:
             return []
-        before = self.backend.stats.counters()
+        before, extra_before = self.backend.stats.counters(), dict(self.backend.stats.extra)
         results = self.strategy.run(self.backend, list(prompts), golds=golds)
         spent = self.backend.stats.since(before)
+        spent.update({name: value - extra_before.get(name, 0) for name, value in self.backend.stats.extra.items()
+                      if isinstance(value, (int, float)) and value != extra_before.get(name, 0)})
         cost = {name: value / len(prompts) for name, value in spent.items()}
         return [self._report(result, cost) for result in results]
 
@@ -118,7 +128,8 @@ class FeedbackLoop:
         for record in records:
             text = result.candidates[record["attempt"] - 1].text
             attempts.append({"attempt": record["attempt"], "text": text, "answer": self.extract(text),
-                             "verdict": record["verdict"], "tokens": record["tokens"]})
+                             "verdict": record["verdict"], "tokens": record["tokens"],
+                             **({"edited": record["edited"]} if "edited" in record else {})})
         return {
             "strategy": self.strategy_name,
             "verifier": self.verifier.kind,
