@@ -188,12 +188,12 @@ def _eager_kept_scoring(model, pad_id, joined, batch_size):
 
 def measure_scoring(prefix_len, n_cands, cont_len, vocab, hidden, layers, batch_size, dtype, device):
     from guidedecode.backends.hf import HFBackend
-    from guidedecode.models import load_tokenizer
+    from guidedecode.bench import synthetic_tokenizer
     from guidedecode.testing import tiny_model
 
     model = tiny_model("llama", seed=0, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers).to(device=device, dtype=dtype)  # fmt: skip
-    backend = HFBackend(model, load_tokenizer(), batch_size=batch_size)
+    backend = HFBackend(model, synthetic_tokenizer(vocab, pad_token_id=1, eos_token_id=1), batch_size=batch_size)
     gen = torch.Generator().manual_seed(1)
     prefix = torch.randint(2, vocab, (prefix_len,), generator=gen).tolist()
     conts = [torch.randint(2, vocab, (cont_len,), generator=gen).tolist() for _ in range(n_cands)]

@@ -10,15 +10,21 @@ every row forced to ``--new-tokens`` tokens; sampling at T=0.8, top-p 0.9, k=20,
   (jinpz/q_sharp ``eval_ckpt.py``): a hand-written decode loop, the full-vocabulary Q head followed by a
   gather, the V candidate pass on a deep copy of the value cache, offsets and top-p in eager ops.
 
-tokens/s = rows x new tokens / wall time (median of ``--repeats`` after a warm-up). The guidance
-overhead is the step time the guide adds beyond the value model's own forward passes:
-``(t_guided - t_unguided - t_value_model) / t_guided``, with ``t_value_model`` the time spent inside
-``ValueModel.start / advance / candidate_logits`` during the guided run (target <= 10%).
+tokens/s = rows x new tokens / wall time. Every variant is warmed up once, then the variants are timed
+in turn within each repeat (interleaved, so load on a shared machine hits them alike); every repeat is
+recorded, with the median and the spread (min, max). Ratios are taken per repeat from the side-by-side
+times (``speedup_vs_reference_loop`` = loop time / guide time of the same repeat; reported: the median
+and every repeat). The guidance overhead is the step time the guide adds beyond the value model's own
+forward passes: ``(t_guided - t_unguided - t_value_model) / t_guided``, with ``t_value_model`` the time
+spent inside ``ValueModel.start / advance / candidate_logits`` during that guided run (target <= 10%).
 
-Kernel part: ``benchmarks/bench_guidance_kernel.py`` (fused epilogue vs the eager torch chain; on CUDA
-at B=64, V=128256 with the bandwidth floor of integration.md), run in the same process.
+``--reference`` / ``--value-model`` may name an architecture of ``guidedecode.bench.MODEL_CONFIGS``
+(``llama-3.1-8b``, ``llama-3.2-1b``): the model is built with random weights (no download; a decode step
+costs the same with any weights) and the prompts are random token ids of ``--prompt-tokens`` tokens.
+The GPU suite runs ``--reference llama-3.1-8b --value-model llama-3.2-1b`` in bf16.
 
-    guidedecode bench qsharp [-- --batch 8 --new-tokens 32]
+    guidedecode bench qsharp [-- --batch 8 --new-tokens 24 --repeats 3]
+    python benchmarks/bench_qsharp.py --reference llama-3.1-8b --value-model llama-3.2-1b --batch 64 --no-kernel
 """
 
 from __future__ import annotations
@@ -137,61 +143,64 @@ def reference_loop(model, vm: ValueModel, inputs, new_tokens: int, seed: int = 0
 
 
 # ------------------------------------------------------------------------------- measurement
-def _median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
-    fn(4)  # warm-up (short)
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn(None)
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+def _spread(times: list[float]) -> dict:
+    return {"seconds_median": statistics.median(times), "seconds_min": min(times), "seconds_max": max(times),
+            "seconds_all": times}
 
 
-def decode_rows(model, tokenizer, batch: int, new_tokens: int, repeats: int) -> list[dict]:
-    inputs = _inputs(tokenizer, batch, model.device)
-    value_models = {head: ValueModel.from_backbone(model, head=head, init="normal", tokenizer=tokenizer)
-                    for head in ("q", "v")}
-    rows = []
+def interleaved(variants: dict, repeats: int, *, warmup_tokens: int = 4) -> dict[str, list[float]]:
+    """Warm each variant up once (``fn(warmup_tokens)``), then time ``fn(None)`` for every variant in turn
+    within each of ``repeats`` rounds; returns the seconds of every round per variant."""
+    for fn in variants.values():
+        fn(warmup_tokens)
+    times = {name: [] for name in variants}
+    for r in range(repeats):
+        for name, fn in variants.items():
+            _sync()
+            start = time.perf_counter()
+            fn(None)
+            _sync()
+            times[name].append(time.perf_counter() - start)
+            print(f"  repeat {r + 1}/{repeats} {name:18s} {times[name][-1]:7.3f} s", flush=True)
+    return times
 
-    def record(name, fn):
-        median, times = _median_seconds(fn, repeats)
-        rows.append({"method": name, "batch": batch, "new_tokens": new_tokens, "seconds_median": median,
-                     "seconds_all": times, "tokens_per_second": batch * new_tokens / median})
-        print(f"{name:18s} batch {batch:3d}: {rows[-1]['tokens_per_second']:8.1f} tokens/s ({median:.2f} s)",
-              flush=True)
 
-    record("unguided", lambda n: _generate(model, inputs, n or new_tokens))
+def decode_rows(model, inputs, value_models: dict, batch: int, new_tokens: int, repeats: int, *,
+                tokenizer=None, eos_token_id=None) -> list[dict]:
+    """Unguided, QSharpGuide with each value model and the reference-style loop, interleaved per repeat."""
+    variants = {"unguided": lambda n: _generate(model, inputs, n or new_tokens)}
+    timers, vm_runs = {}, {}
     for head, vm in value_models.items():
-        guide = QSharpGuide(vm, eta=ETA, top_k=K, tokenizer=tokenizer, temperature=TEMPERATURE, top_p=TOP_P)
-        timer = _ValueModelTimer(vm)
-        runs = []
+        guide = QSharpGuide(vm, eta=ETA, top_k=K, tokenizer=tokenizer, temperature=TEMPERATURE, top_p=TOP_P,
+                            eos_token_id=eos_token_id)
+        timers[head], vm_runs[head] = _ValueModelTimer(vm), []
 
-        def guided(n, guide=guide, timer=timer, runs=runs):
+        def guided(n, guide=guide, timer=timers[head], runs=vm_runs[head]):
             before = timer.seconds
             _generate(model, inputs, n or new_tokens, guide)
             if n is None:
                 runs.append(timer.seconds - before)
 
-        median, times = _median_seconds(guided, repeats)
-        vm_seconds = statistics.median(runs)
-        rows.append({"method": f"qsharp-{head}", "batch": batch, "new_tokens": new_tokens,
-                     "seconds_median": median, "seconds_all": times,
-                     "tokens_per_second": batch * new_tokens / median, "value_model_seconds": vm_seconds})
-        print(f"qsharp-{head:11s} batch {batch:3d}: {rows[-1]['tokens_per_second']:8.1f} tokens/s "
-              f"({median:.2f} s, value model {vm_seconds:.2f} s)", flush=True)
+        variants[f"qsharp-{head}"] = guided
     for head, vm in value_models.items():
-        record(f"reference-loop-{head}", lambda n, vm=vm: reference_loop(model, vm, inputs, n or new_tokens))
+        variants[f"reference-loop-{head}"] = lambda n, vm=vm: reference_loop(model, vm, inputs, n or new_tokens)
+    times = interleaved(variants, repeats)
 
-    by_name = {r["method"]: r for r in rows}
-    base = by_name["unguided"]["seconds_median"]
-    for head in ("q", "v"):
-        row = by_name[f"qsharp-{head}"]
-        row["guidance_overhead_fraction"] = (row["seconds_median"] - base - row["value_model_seconds"]) / row[
-            "seconds_median"]
-        row["speedup_vs_reference_loop"] = by_name[f"reference-loop-{head}"]["seconds_median"] / row["seconds_median"]
-    return rows
+    rows = {name: {"method": name, "batch": batch, "new_tokens": new_tokens, **_spread(t),
+                   "tokens_per_second": batch * new_tokens / statistics.median(t)} for name, t in times.items()}
+    base = times["unguided"]
+    for head in value_models:
+        row, guided, loop, vm_s = rows[f"qsharp-{head}"], times[f"qsharp-{head}"], times[
+            f"reference-loop-{head}"], vm_runs[head]
+        overhead = [(g - u - v) / g for g, u, v in zip(guided, base, vm_s)]
+        speedup = [lo / g for lo, g in zip(loop, guided)]
+        row.update(value_model_seconds_all=vm_s, value_model_seconds=statistics.median(vm_s),
+                   guidance_overhead_fraction=statistics.median(overhead), guidance_overhead_all=overhead,
+                   speedup_vs_reference_loop=statistics.median(speedup), speedup_vs_reference_loop_all=speedup)
+        print(f"qsharp-{head}: x{row['speedup_vs_reference_loop']:.3f} vs the loop "
+              f"(repeats {', '.join(f'{s:.3f}' for s in speedup)}), overhead {100 * row['guidance_overhead_fraction']:.1f}% "
+              f"(repeats {', '.join(f'{100 * o:.1f}' for o in overhead)})", flush=True)
+    return list(rows.values())
 
 
 def _kernel_rows(smoke: bool) -> list[dict]:
@@ -205,33 +214,77 @@ def _kernel_rows(smoke: bool) -> list[dict]:
     return rows
 
 
+def _random_inputs(vocab: int, batch: int, prompt_tokens: int, device):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, min(vocab, 128000), (batch, prompt_tokens), generator=generator)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
 def main() -> None:
+    from guidedecode.bench import MODEL_CONFIGS, SYNTHETIC_PAD_ID, random_model, synthetic_tokenizer
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--reference", "--model", dest="reference", default="smollm2-135m-instruct",
+                        help=f"embedded model / local directory, or a random-weight config: {', '.join(MODEL_CONFIGS)}")
+    parser.add_argument("--value-model", default=None,
+                        help="random-weight config of the value model's backbone (default: the reference's own)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bfloat16 for random-weight configs on CUDA, else float32")
     parser.add_argument("--batch", type=int, default=None, help="rows (default 8 on CPU, 64 on CUDA)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 24 on CPU, 128 on CUDA")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 24 on CPU, 64 on CUDA")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="random prompts (random-weight configs)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--heads", nargs="+", choices=["q", "v"], default=["q", "v"])
     parser.add_argument("--no-kernel", action="store_true", help="skip the fused-kernel part")
+    parser.add_argument("--shrink", action="store_true", help="toy width/depth of the random-weight configs (CPU smoke)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    model, tokenizer = load_model(args.model, device="cuda" if cuda else "cpu")
+    device = "cuda" if cuda else "cpu"
+    synthetic = args.reference in MODEL_CONFIGS
+    dtype = getattr(torch, args.dtype or ("bfloat16" if synthetic and cuda else "float32"))
     batch = args.batch or (64 if cuda else 8)
-    new_tokens = args.new_tokens or (128 if cuda else 24)
-    rows = decode_rows(model, tokenizer, batch, new_tokens, args.repeats)
+    new_tokens = args.new_tokens or (64 if cuda else 24)
+    if synthetic:
+        model = random_model(args.reference, device=device, dtype=dtype, seed=0, shrink=args.shrink)
+        eos = model.generation_config.eos_token_id
+        tokenizer = synthetic_tokenizer(model.config.vocab_size, pad_token_id=SYNTHETIC_PAD_ID, eos_token_id=eos[-1])
+        inputs = _random_inputs(model.config.vocab_size, batch, args.prompt_tokens, device)
+    else:
+        model, tokenizer = load_model(args.reference, device=device, dtype=dtype)
+        inputs, eos = _inputs(tokenizer, batch, model.device), None
+    if args.value_model is None:
+        backbone = model
+    elif args.value_model in MODEL_CONFIGS:
+        backbone = random_model(args.value_model, device=device, dtype=dtype, seed=1, shrink=args.shrink)
+    else:
+        raise SystemExit(f"--value-model must be one of {', '.join(MODEL_CONFIGS)} (or left out)")
+    value_models = {head: ValueModel.from_backbone(backbone, head=head, init="normal", tokenizer=tokenizer)
+                    for head in args.heads}
+    if backbone is not model:
+        del backbone
+    rows = decode_rows(model, inputs, value_models, batch, new_tokens, args.repeats, tokenizer=tokenizer,
+                       eos_token_id=eos)
     kernel = [] if args.no_kernel else _kernel_rows(smoke=not cuda)
 
     def plot(ax):
         ax.bar([r["method"] for r in rows], [r["tokens_per_second"] for r in rows], color="tab:blue")
+        for i, r in enumerate(rows):
+            ax.plot([i] * len(r["seconds_all"]), [batch * new_tokens / s for s in r["seconds_all"]], "k.")
         ax.set_ylabel(f"decode tokens/s (batch {batch}, {new_tokens} new tokens)")
         ax.tick_params(axis="x", rotation=30)
 
-    notes = ("value model = the reference's own backbone with a random head (same size as the reference, so "
-             "the value model's forward roughly doubles the step time); ratios are side by side in one run")
+    value_desc = (f"value model = random-weight {args.value_model} backbone with a random head" if args.value_model
+                  else "value model = the reference's own backbone with a random head (same size as the reference, "
+                       "so the value model's forward roughly doubles the step time)")
+    notes = (f"{value_desc}; reference = {args.reference}{' (random weights)' if synthetic else ''}, {dtype}; "
+             "variants interleaved within each repeat, ratios per repeat side by side")
     if not cuda:
         notes += "; CPU: absolute numbers are indicative only, kernel rows are the torch reference (smoke)"
-    path = write_result("qsharp", {"model": args.model, "k": K, "eta": ETA, "temperature": TEMPERATURE,
-                                   "top_p": TOP_P, "torch_threads": torch.get_num_threads(), "decode": rows,
-                                   "kernel": kernel}, plot=plot, notes=notes)
+    path = write_result("qsharp", {"reference": args.reference, "value_model": args.value_model or args.reference,
+                                   "dtype": str(dtype).removeprefix("torch."), "k": K, "eta": ETA,
+                                   "temperature": TEMPERATURE, "top_p": TOP_P, "repeats": args.repeats,
+                                   "torch_threads": torch.get_num_threads(), "decode": rows, "kernel": kernel},
+                        plot=plot, notes=notes)
     print(f"wrote {path}")
 
 

@@ -108,3 +108,59 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------- GPU-size models, no weights
+# Architecture configs of the models the GPU benchmarks stand in for (values from their published
+# config.json files). Benchmarks build them with random weights: a decode step costs the same with any
+# weights, and no machine here (or the lent GPU machine) can download the real ones.
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+MODEL_CONFIGS = {
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+                         max_position_embeddings=131072, tie_word_embeddings=True,
+                         bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+                         max_position_embeddings=131072, tie_word_embeddings=False,
+                         bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+}
+SYNTHETIC_PAD_ID = 128004  # Llama-3's "<|finetune_right_pad_id|>"
+# --shrink: the same architecture and vocabulary at toy width and depth, for CPU smoke runs of GPU benchmarks
+SHRINK_OVERRIDES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16)
+
+
+def random_model(name: str, *, device=None, dtype=None, seed: int = 0, shrink: bool = False, **overrides):
+    """A random-weight ``LlamaForCausalLM`` with the architecture of ``MODEL_CONFIGS[name]`` built directly on
+    ``device`` in ``dtype``, in eval mode. ``shrink`` (or ``overrides``) make it toy-sized for CPU checks."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model config '{name}': choose one of {', '.join(MODEL_CONFIGS)}")
+    config = LlamaConfig(**{**MODEL_CONFIGS[name], **(SHRINK_OVERRIDES if shrink else {}), **overrides})
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = SYNTHETIC_PAD_ID if config.vocab_size > SYNTHETIC_PAD_ID else 0
+    return model.eval()
+
+
+def synthetic_tokenizer(vocab_size: int, *, pad_token_id: int = 0, eos_token_id: int = 1):
+    """A real (fast, word-level) tokenizer over ``vocab_size`` tokens ``<0> <1> ...``, built in memory: the
+    ids, pad and EOS a random-weight benchmark model needs, with no tokenizer files to ship."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}  # bracketed: no special token is part of another token
+    raw = Tokenizer(models.WordLevel(vocab, unk_token=f"<{pad_token_id}>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token=f"<{pad_token_id}>",
+                                        eos_token=f"<{eos_token_id}>", unk_token=f"<{pad_token_id}>")
+    tokenizer.padding_side = "left"
+    return tokenizer
