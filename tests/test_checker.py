@@ -197,3 +197,25 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    # README snippets saved as a plain script: the workers must not re-import the caller's __main__
+    # (spawn/forkserver did, so the script's top level ran again in every worker and it crashed).
+    script = tmp_path / "snippet.py"
+    script.write_text(
+        "from guidedecode.tasks import MathChecker, get_task\n"
+        "print('top level ran', flush=True)\n"
+        "checker = MathChecker(workers=2)\n"
+        "print(checker.verify_many([('1', '1'), ('2', '3'), ('1/2', '0.5')]), flush=True)\n"
+        "task = get_task('synthetic')\n"
+        "problem = task.load(limit=1)[0]\n"
+        "print(task.check(problem.answer, problem), flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("top level ran") == 1, done.stdout
+    assert "[True, False, True]" in done.stdout
+    assert done.stdout.strip().endswith("True"), done.stdout

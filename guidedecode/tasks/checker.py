@@ -11,108 +11,157 @@ signal is seen. So every pair runs in a worker process under one ``setitimer`` b
 seconds (math-verify's own alarms are switched off), and each chunk of pairs sent to a worker has a
 wall-clock limit of ``timeout * len(chunk) + slack``. A worker that overruns it or dies takes the pool
 down: the pool is killed and rebuilt on the next call, and the pairs it held count as False.
+
+The workers are subprocesses running ``guidedecode.tasks._checker_worker.main()`` (JSON lines), not
+multiprocessing's spawn/forkserver workers: those re-import the caller's ``__main__``, so a plain
+script without an ``if __name__ == "__main__":`` guard would run again in every worker.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
+import json
 import math
-import multiprocessing
 import os
-import re
-import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from guidedecode.errors import TaskError
+from guidedecode.tasks._checker_worker import as_latex
 
 __all__ = ["MathChecker", "as_latex", "default_checker"]
 
-_MATH_DELIMITED_RE = re.compile(r"(?<!\\)\$|\\boxed|\\fbox|\\\(|\\\[")
-
-
-def as_latex(answer: str) -> str:
-    """``answer`` as text math-verify parses: ``"1,600"`` -> ``"\\boxed{1,600}"``.
-
-    Text already holding math delimiters (an unescaped ``$``, ``\\(``, ``\\[``, ``\\boxed``) is kept.
-    """
-    answer = answer.strip()
-    if _MATH_DELIMITED_RE.search(answer):
-        return answer
-    return "\\boxed{" + answer + "}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker side (runs in the pool's processes, in their main thread)
-
-
-class _PairTimeout(BaseException):
-    """Raised by the per-pair timer; a BaseException so math-verify's ``except Exception`` lets it through."""
-
-
-def _raise_pair_timeout(signum, frame):
-    raise _PairTimeout()
-
-
-def _exit_with_parent() -> None:
-    """Watchdog thread: a worker whose caller was killed (SIGKILL, no clean-up) exits too."""
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        parent.join()
-        os._exit(0)
-
-
-def _worker_init() -> None:
-    import math_verify  # noqa: F401  (import once per worker, not per chunk)
-
-    # The "timeout is disabled" notice is expected: this module times each pair itself.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    signal.signal(signal.SIGALRM, _raise_pair_timeout)
-    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
-
-
-def _ping() -> bool:
-    return True
-
-
-def _verify_pair(gold: str, pred: str) -> bool:
-    from math_verify import parse, verify
-
-    gold_parsed = parse(as_latex(gold), parsing_timeout=None)
-    pred_parsed = parse(as_latex(pred), parsing_timeout=None)
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-def _check_chunk(pairs: list[tuple[str, str]], timeout: float, symmetric: bool) -> list[bool]:
-    """Verify each (gold, pred) pair (both directions if ``symmetric``) within ``timeout`` seconds."""
-    results = []
-    for gold, pred in pairs:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            ok = _verify_pair(gold, pred) and (not symmetric or _verify_pair(pred, gold))
-        except BaseException:  # _PairTimeout, math-verify's TimeoutException (a BaseException), sympy errors
-            ok = False
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        results.append(ok)
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Caller side
-
 _START_TIMEOUT = 60.0  # seconds for a new pool's first round trip (interpreter start, imports)
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """forkserver where available, else spawn: never fork a process that may hold torch threads."""
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
+class _WorkerDied(Exception):
+    """A worker exited, was killed or broke the protocol while holding a request."""
+
+
+class _Worker:
+    """One worker subprocess (:func:`guidedecode.tasks._checker_worker.main`); one request at a time."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ)  # the worker imports guidedecode from where this process did
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", "-c", "from guidedecode.tasks._checker_worker import main; main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, encoding="utf-8",
+        )
+
+    def request(self, message: dict):
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (OSError, ValueError) as error:  # broken pipe, or closed by a kill
+            raise _WorkerDied(str(error)) from error
+        if not line:
+            raise _WorkerDied(f"worker {self.proc.pid} exited")
+        try:
+            return json.loads(line)
+        except ValueError as error:
+            raise _WorkerDied(f"worker {self.proc.pid} sent {line[:80]!r}") from error
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+    def reap(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+
+
+class _Pool:
+    """Up to ``size`` workers, started when first needed; a thread per in-flight request waits on its
+    worker's reply, so the caller can put a wall-clock deadline on every request."""
+
+    def __init__(self, size: int) -> None:
+        self._idle: list[_Worker] = []
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._dead = False
+        self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="math-verify")
+
+    def submit(self, message: dict) -> Future:
+        return self._threads.submit(self._call, message)
+
+    def _call(self, message: dict):
+        with self._lock:
+            if self._dead:
+                raise _WorkerDied("pool was killed")
+            while self._idle and not self._idle[-1].alive():  # died while idle: drop it
+                self._workers.remove(self._idle.pop())
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                worker = _Worker()
+                self._workers.append(worker)
+        try:
+            reply = worker.request(message)
+        except BaseException:
+            worker.kill()
+            with self._lock:
+                if worker in self._workers:
+                    self._workers.remove(worker)
+            worker.reap(5)
+            raise
+        with self._lock:
+            if self._dead:
+                worker.kill()
+            else:
+                self._idle.append(worker)
+        return reply
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.proc.pid for w in self._workers if w.alive()]
+
+    def kill(self) -> None:
+        """Kill every worker at once (a hung or stopped one ignores polite shutdown)."""
+        with self._lock:
+            self._dead = True
+            workers, self._workers, self._idle = self._workers, [], []
+        for worker in workers:
+            worker.kill()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.reap(10)
+
+    def close(self, grace: float = 2.0) -> None:
+        """End of input for every worker; one still there after ``grace`` seconds is killed."""
+        with self._lock:
+            self._dead = True
+            workers, self._workers, self._idle = self._workers, [], []
+        for worker in workers:
+            try:
+                worker.proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.reap(grace)
 
 
 class MathChecker:
@@ -134,7 +183,7 @@ class MathChecker:
         self.workers = int(workers)
         self.chunk_size = int(chunk_size)
         self.slack = float(slack)
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: _Pool | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -156,22 +205,13 @@ class MathChecker:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the pool's live workers (empty before the first call or after a kill)."""
-        if self._pool is None:
-            return []
-        return [p.pid for p in (getattr(self._pool, "_processes", None) or {}).values() if p.pid is not None]
+        return [] if self._pool is None else self._pool.pids()
 
     def close(self) -> None:
         """Shut the pool down (a worker still there after 2 s is killed); a later call starts a new one."""
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.join(timeout=2)  # idle workers exit at once on the shutdown sentinel
-            if process.is_alive():  # hung or stopped: never let close() block
-                process.kill()
-                process.join(timeout=5)
+        if pool is not None:
+            pool.close(grace=2.0)  # idle workers exit at once on end of input; hung ones are killed
 
     def __enter__(self) -> MathChecker:
         return self
@@ -181,20 +221,21 @@ class MathChecker:
 
     # -- machinery ----------------------------------------------------------------------------
 
-    def _executor(self) -> ProcessPoolExecutor:
-        """The pool, started on first use with a round trip that proves the workers can start."""
+    def _executor(self) -> _Pool:
+        """The pool, started on first use with a round trip per worker that proves it can start
+        (so no chunk's wall-clock limit pays for interpreter start-up and imports)."""
         if self._pool is None:
-            pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_pool_context(), initializer=_worker_init)
+            pool = _Pool(self.workers)
             try:
-                pool.submit(_ping).result(timeout=_START_TIMEOUT)
+                pings = [pool.submit({"ping": True}) for _ in range(self.workers)]
+                deadline = time.monotonic() + _START_TIMEOUT
+                for ping in pings:
+                    ping.result(timeout=max(0.0, deadline - time.monotonic()))
             except BaseException as error:
-                for process in (getattr(pool, "_processes", None) or {}).values():
-                    process.kill()
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.kill()
                 raise TaskError(
-                    "math-verify worker processes failed to start "
-                    f"({type(error).__name__}); a script that checks answers at import time needs "
-                    "an `if __name__ == '__main__':` guard (workers start with forkserver/spawn)"
+                    f"math-verify worker process failed to start ({type(error).__name__}: {error}); "
+                    f"it runs guidedecode.tasks._checker_worker.main() under {sys.executable} (see its stderr above)"
                 ) from error
             self._pool = pool
         return self._pool
@@ -202,23 +243,12 @@ class MathChecker:
     def _kill_pool(self) -> None:
         """Kill every worker at once (a hung one ignores polite shutdown) and drop the pool."""
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.join(timeout=10)
+        if pool is not None:
+            pool.kill()
 
     def _submit(self, chunk: list[int], pairs: Sequence, symmetric: bool) -> Future:
-        args = ([pairs[i] for i in chunk], self.timeout, symmetric)
-        try:
-            return self._executor().submit(_check_chunk, *args)
-        except BrokenProcessPool:  # a worker died while the pool sat idle: start afresh
-            self._kill_pool()
-            return self._executor().submit(_check_chunk, *args)
+        message = {"pairs": [list(pairs[i]) for i in chunk], "timeout": self.timeout, "symmetric": symmetric}
+        return self._executor().submit(message)
 
     def _chunks(self, indices: list[int]) -> list[list[int]]:
         size = max(1, min(self.chunk_size, math.ceil(len(indices) / self.workers)))
@@ -253,7 +283,7 @@ class MathChecker:
                 chunk, _ = running.pop(future)
                 try:
                     values = future.result()
-                except BrokenProcessPool:  # a worker died: its pairs stay False
+                except _WorkerDied:  # a worker died: its pairs stay False
                     broken = True
                     continue
                 except BaseException:  # the chunk raised in the worker (e.g. a late timer): False
