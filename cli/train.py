@@ -13,6 +13,8 @@ import click
 
 # subcommand name -> (module, click command attribute, one-line help)
 TRAINERS = {
+    "planner": ("guidedecode.cli.train_planner", "planner",
+                "Train a planning-token model (memory/reason, k-means or arithmetic step types)."),
     "qsharp": ("guidedecode.cli.train_qsharp", "qsharp", "Train a Q# value model (collect roll-outs, fit, rounds)."),
     "rationale": ("guidedecode.cli.train_rationale", "rationale",
                   "Train a RATIONALYST rationale model (extract, align, filter, SFT)."),

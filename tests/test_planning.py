@@ -313,6 +313,7 @@ def test_guide_bad_input():
         guide(bad_prompt, torch.zeros(1, 520))
 
 
+@pytest.mark.slow
 def test_guide_composes_with_qsharp_in_generate(base_tokenizer):
     from guidedecode.guides import QSharpGuide
     from guidedecode.value_model import ValueModel
@@ -364,6 +365,7 @@ def _loader(arch, tied):
     return load
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False)])
 def test_training_changes_only_lora_and_new_rows(tmp_path, arch, tied):
     from guidedecode.training.planner import PlannerConfig, load_planner, train_planner
@@ -396,7 +398,6 @@ def test_training_changes_only_lora_and_new_rows(tmp_path, arch, tied):
     assert changed_new_rows
     assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
     # the merged export equals the adapter model
-    adapter, _, _ = load_planner(tmp_path / "run", adapter=True, base_model="x") if False else (None, None, None)
     from peft import PeftModel
 
     base2, _ = _loader(arch, tied)("x")
@@ -412,6 +413,7 @@ def test_training_changes_only_lora_and_new_rows(tmp_path, arch, tied):
     assert torch.allclose(plain(input_ids=ids).logits, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_planner_resume_is_bit_identical(tmp_path):
     from guidedecode.training.common import trainable_state
     from guidedecode.training.planner import PlannerConfig, train_planner
@@ -454,3 +456,17 @@ def test_planner_bad_input(tmp_path):
     bad.write_text(json.dumps([{"question": "q", "answer": "True", "cot_steps": ["no label here"]}] * 3))
     with pytest.raises(PlanningTokenError, match="step without a \\[rag\\]/\\[reason\\] label"):
         train_planner(PlannerConfig(data=str(bad)), tmp_path / "r", loader=_loader("llama", False))
+
+
+def test_registry_builds_the_guide(tmp_path, base_tokenizer):
+    from guidedecode.registry import build_guide
+
+    tokenizer = copy.deepcopy(base_tokenizer)
+    vocab = add_planning_tokens(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, ["memory", "reason"])
+    vocab.save_pretrained(tmp_path / "merged")
+    guide = build_guide("planning", tokenizer, {"planner": str(tmp_path), "ban_types": "memory", "max_steps": "3"})
+    assert isinstance(guide, PlanningTokenGuide) and guide.ban_types == ("memory",) and guide.max_steps == 3
+    with pytest.raises(GuideError, match="unknown step type 'rag'"):
+        build_guide("planning", tokenizer, {"planner": str(tmp_path), "force_type": "rag"})
+    with pytest.raises(PlanningTokenError, match="not a planner directory"):
+        build_guide("planning", tokenizer, {"planner": str(tmp_path / "nowhere")})

@@ -196,6 +196,7 @@ def train_planner(config: PlannerConfig, out: str | os.PathLike, *, progress: bo
     fitted = fit(model, train, dev, out / "train", config.fit_config(), settings=settings, pad_token_id=pad,
                  progress=progress, desc=f"planner ({config.scheme})", on_step=on_step)
     model.eval()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 5. export
     def write_adapter(directory: Path) -> None:
@@ -217,7 +218,7 @@ def train_planner(config: PlannerConfig, out: str | os.PathLike, *, progress: bo
         "scheme": config.scheme, "data": str(path), "rows": len(rows), "train_examples": len(train),
         "dev_examples": len(dev), "dropped_too_long": train_long + dev_long, "train_step_types": dict(type_counts),
         "new_tokens": len(vocab.new_ids) if vocab else 0,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
         **{k: v for k, v in fitted.to_dict().items() if k not in ("train_examples", "dev_examples")},
         "adapter": str(out / "adapter"), "merged": str(out / "merged"),
     }
