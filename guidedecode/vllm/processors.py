@@ -1,0 +1,238 @@
+"""Token guides as vLLM logits processors (both runner interfaces in one class).
+
+A :class:`GuideLogitsProcessor` owns one :class:`~guidedecode.guides.TokenGuide` per guided request and
+feeds it that request's token history (prompt + generated so far) at every step; the guide's
+content-keyed bookkeeping (:class:`~guidedecode.guides.TokenGuide`) advances its state by one token when
+the history grew by one, and rebuilds it from the whole history otherwise. That rebuild is the catch-up
+replay vLLM needs: a new request, a request resumed after preemption (its KV cache recomputed, several
+tokens later), or a request moved between batch slots are all brought up to date from their tokens.
+Rows whose request asked for no guidance are never touched.
+
+The two vLLM interfaces (vLLM 0.32-0.33, ``vllm/v1/sample/logits_processor`` and
+``vllm/v1/worker/gpu/sample/logits_processor``):
+
+* **V1 runner**: ``__init__(vllm_config, device, is_pin_memory)``; ``update_state(BatchUpdate)`` with
+  removed -> added -> moved, ``added`` carrying a *live* reference to the request's output ids;
+  ``apply(logits)`` with row ``i`` = persistent-batch index ``i``.
+* **Model Runner V2**: ``__init__(vllm_config, req_states)``; ``add_request(slot, params) -> bool``
+  (slots are recycled: the slot's old guide is always replaced or dropped); ``apply(logits, ctx)`` with
+  row ``r`` belonging to slot ``ctx.expanded_idx_mapping[r]``; a row's history is the committed tokens
+  ``req_states.all_token_ids[slot, :pos[r]]`` followed by the token fed at ``pos[r]`` (``ctx.input_ids[r]``).
+
+Per-request settings come from ``SamplingParams.extra_args`` and are checked by ``validate_params`` at
+admission (a ``ValueError``: HTTP 400 from ``vllm serve``), so a bad value never reaches the engine.
+Rows are processed one request at a time (the per-request guide keeps its own value-model cache).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
+from guidedecode.guides.base import TokenGuide
+
+__all__ = ["GuideLogitsProcessor", "QSharp"]
+
+
+class _Request:
+    """One guided request: its guide and (V1) the live token lists vLLM hands over."""
+
+    __slots__ = ("guide", "prompt_ids", "output_ids")
+
+    def __init__(self, guide: TokenGuide, prompt_ids: list[int] | None = None, output_ids: list[int] | None = None):
+        self.guide = guide
+        self.prompt_ids = prompt_ids
+        self.output_ids = output_ids
+
+    def adjust(self, history: list[int], row: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor([history], dtype=torch.long, device=row.device)
+        return self.guide(ids, row[None])[0]
+
+
+class GuideLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
+    """Base class: a token guide per request, for both vLLM runner interfaces.
+
+    Subclasses implement :meth:`options` (classmethod: the request's guide settings from its
+    ``extra_args``, ``None`` when it asked for no guidance, ``ValueError`` for a bad value) and
+    :meth:`make_guide` (a fresh guide for those settings), and may override :meth:`setup` (load models
+    once per engine).
+    """
+
+    def __init__(self, vllm_config, *args):
+        if len(args) == 1:  # Model Runner V2: (vllm_config, req_states)
+            self.req_states = args[0]
+            self.device = torch.device(args[0].device)
+        elif len(args) == 2:  # V1 runner: (vllm_config, device, is_pin_memory)
+            self.req_states = None
+            self.device = torch.device(args[0]) if args[0] is not None else torch.device("cpu")
+        else:
+            raise TypeError(f"{type(self).__name__} takes (vllm_config, req_states) or "
+                            f"(vllm_config, device, is_pin_memory), got {1 + len(args)} arguments")
+        self.vllm_config = vllm_config
+        self.requests: dict[int, _Request] = {}  # V1: persistent-batch index; V2: request slot
+        self.setup(vllm_config)
+
+    # --------------------------------------------------------------------- method-specific parts
+    def setup(self, vllm_config) -> None:
+        """Load what every request shares (called once per engine)."""
+
+    @classmethod
+    def options(cls, extra_args: dict[str, Any]) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def make_guide(self, options: dict[str, Any], sampling_params) -> TokenGuide:
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------- shared by both runners
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        cls.options(dict(sampling_params.extra_args or {}))
+
+    def _new_request(self, sampling_params, prompt_ids=None, output_ids=None) -> _Request | None:
+        options = self.options(dict(sampling_params.extra_args or {}))
+        if options is None:
+            return None
+        return _Request(self.make_guide(options, sampling_params), prompt_ids, output_ids)
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # guidance changes which token is most likely: greedy rows need it too
+
+    # --------------------------------------------------------------------- V1 runner
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.requests.pop(index, None)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            request = self._new_request(params, list(prompt_ids or []), output_ids)
+            if request is None:
+                self.requests.pop(index, None)
+            else:
+                self.requests[index] = request
+        for a, b, direction in batch_update.moved:
+            moving, other = self.requests.pop(a, None), self.requests.pop(b, None)
+            if moving is not None:
+                self.requests[b] = moving
+            if other is not None and direction == MoveDirectionality.SWAP:
+                self.requests[a] = other
+
+    # --------------------------------------------------------------------- V2 runner
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        request = self._new_request(sampling_params)
+        if request is None:
+            self.requests.pop(req_idx, None)
+            return False
+        self.requests[req_idx] = request
+        return True
+
+    # --------------------------------------------------------------------- both
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        if not self.requests:
+            return logits
+        if ctx is None:  # V1: row i is persistent-batch index i
+            for index, request in self.requests.items():
+                if index < logits.shape[0]:
+                    logits[index] = request.adjust(request.prompt_ids + list(request.output_ids), logits[index])
+            return logits
+        slots = ctx.expanded_idx_mapping.tolist()
+        positions = ctx.pos.tolist()
+        fed = ctx.input_ids.tolist()
+        committed = self.req_states.all_token_ids.gpu
+        for row, slot in enumerate(slots):
+            request = self.requests.get(slot)
+            if request is not None:
+                history = committed[slot, : positions[row]].tolist() + [fed[row]]
+                logits[row] = request.adjust(history, logits[row])
+        return logits
+
+
+# ------------------------------------------------------------------------------------------ Q#
+VALUE_MODEL_ENV = "GUIDEDECODE_VALUE_MODEL"
+
+
+class QSharp(GuideLogitsProcessor):
+    """Q♯ value guidance (Zhou et al., arXiv 2502.20548) in vLLM: ``l_v + o_v`` on the top-``k`` candidates,
+    ``o_v = log(1 - p_v + p_v e^eta)`` with ``p_v`` the value model's probability that ``prefix + v``
+    ends correct (modes as :func:`~guidedecode.guides.qsharp.qsharp_offsets`).
+
+    The value model is the directory in ``$GUIDEDECODE_VALUE_MODEL`` (a :class:`~guidedecode.ValueModel`
+    ``save_pretrained`` directory), loaded once per engine onto the engine's device. Per request
+    (``SamplingParams.extra_args`` / ``vllm_xargs``):
+
+    * ``qsharp_eta``: guidance strength ``1/eta_paper`` (> 0); absent or 0: the request is untouched;
+    * ``qsharp_mode``: ``bernoulli`` (default; ``mle`` for an mle value model), ``cd``, ``expectation``,
+      ``fudge``;
+    * ``qsharp_top_k``: candidates per step (default 20; -1 = whole vocabulary).
+    """
+
+    KEYS = ("qsharp_eta", "qsharp_mode", "qsharp_top_k")
+
+    @classmethod
+    def options(cls, extra_args):
+        from guidedecode.guides.qsharp import MODES
+
+        unknown = sorted(k for k in extra_args if k.startswith("qsharp_") and k not in cls.KEYS)
+        if unknown:
+            raise ValueError(f"unknown Q# request argument(s) {unknown}: known are {list(cls.KEYS)}")
+        eta = extra_args.get("qsharp_eta")
+        if eta is None:
+            if any(k in extra_args for k in cls.KEYS):
+                raise ValueError("qsharp_mode / qsharp_top_k given without qsharp_eta (the guidance strength)")
+            return None
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"qsharp_eta must be a finite number >= 0, got {eta!r}")
+        if eta == 0:
+            return None
+        mode = extra_args.get("qsharp_mode")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"qsharp_mode must be one of {list(MODES)}, got {mode!r}")
+        top_k = extra_args.get("qsharp_top_k", 20)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not (top_k == -1 or top_k >= 1):
+            raise ValueError(f"qsharp_top_k must be an integer >= 1 or -1 (whole vocabulary), got {top_k!r}")
+        if not os.environ.get(VALUE_MODEL_ENV):
+            raise ValueError(f"this request asks for Q# guidance but ${VALUE_MODEL_ENV} names no value model")
+        return {"eta": float(eta), "mode": mode, "top_k": top_k}
+
+    def setup(self, vllm_config):
+        from guidedecode.errors import GuideError
+        from guidedecode.value_model import ValueModel
+
+        directory = os.environ.get(VALUE_MODEL_ENV)
+        if not directory:
+            raise GuideError(f"guidedecode.vllm:QSharp needs ${VALUE_MODEL_ENV}: the directory of a saved "
+                             "ValueModel (ValueModel.save_pretrained)")
+        self.value_model = ValueModel.from_pretrained(directory, device=self.device)
+        self._check_tokenizer(vllm_config)
+
+    def _check_tokenizer(self, vllm_config) -> None:
+        """The value model must share the served model's tokenizer (it reads the same token ids)."""
+        name = getattr(getattr(vllm_config, "model_config", None), "tokenizer", None)
+        if not name:
+            return
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            return  # a hub tokenizer not in the local cache: the engine itself will report it
+        self.value_model.check_tokenizer(tokenizer)
+
+    def make_guide(self, options, sampling_params):
+        from guidedecode.guides.qsharp import QSharpGuide
+
+        temperature = float(sampling_params.temperature or 0.0)
+        return QSharpGuide(
+            self.value_model,
+            eta=options["eta"],
+            mode=options["mode"],
+            top_k=options["top_k"],
+            # KL bookkeeping only (vLLM applies temperature and top-p itself, after this processor)
+            temperature=temperature if temperature > 0 else 1.0,
+            top_p=float(sampling_params.top_p or 1.0),
+        )
