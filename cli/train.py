@@ -15,6 +15,8 @@ import click
 TRAINERS = {
     "planner": ("guidedecode.cli.train_planner", "planner",
                 "Train a planning-token model (memory/reason, k-means or arithmetic step types)."),
+    "optune": ("guidedecode.cli.train_optune", "optune",
+               "Meta-train an OpTune weight editor (attempts, statistics, edit training)."),
     "qsharp": ("guidedecode.cli.train_qsharp", "qsharp", "Train a Q# value model (collect roll-outs, fit, rounds)."),
     "rationale": ("guidedecode.cli.train_rationale", "rationale",
                   "Train a RATIONALYST rationale model (extract, align, filter, SFT)."),

@@ -96,7 +96,11 @@ class GradientTransform(nn.Module):
     """``z' = z + W_up Dropout(W_down z)`` on ``z = [u; v]`` with running-statistics normalisation.
 
     ``W_up`` and its bias start at zero, so the transform starts as the identity on the normalised factors.
+    ``update_stats``: whether training-mode calls fold their factors into the statistics (a trainer that
+    computed them beforehand, over all training tokens, sets it False).
     """
+
+    update_stats = True
 
     def __init__(self, d_in: int, d_out: int, rank: int = 16, dropout: float = 0.1):
         super().__init__()
@@ -111,7 +115,7 @@ class GradientTransform(nn.Module):
     def forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x̃, δ̃)`` for per-token factors ``x [T, d_in]``, ``δ [T, d_out]`` (statistics updated in training)."""
         x, delta = x.float(), delta.float()
-        if self.training:
+        if self.training and self.update_stats:
             self.stats_x.update(x)
             self.stats_delta.update(delta)
         z = torch.cat([self.stats_x.normalise(x), self.stats_delta.normalise(delta)], dim=-1)
