@@ -3,7 +3,9 @@
 Each method is an ordinary ``guidedecode eval`` run (same task, problems, samples, temperature,
 top-p, max new tokens and seed), written to ``<out>/<label>/`` (config.json, results.jsonl,
 summary.json), so an interrupted suite resumes where it stopped. The table (accuracy = mean
-pass@1, maj@k, pass@k, KL where the method reports it, tokens/s) is written by
+pass@1, maj@k, pass@k, KL where the method reports it, tokens/s; oracle-stop methods report only
+solved@k and the trial histogram) with 95% intervals inside [0, 1] (Wilson, or a seeded bootstrap
+over problems when several samples share a problem) is written by
 :func:`guidedecode.bench.write_result` as ``benchmarks/results/evidence-<suite>-<task>-<device>.json``
 with a PNG of the accuracies.
 
@@ -15,7 +17,8 @@ Suites (methods are registry names; see guidedecode/registry.py):
 
 * ``qsharp``: unguided sampling, Q# at ``--etas``, CD at the first eta (the same value model).
 * ``strategies``: greedy, self-consistency@k, best-of-k with the oracle, step beam search,
-  RATIONALYST ``random`` and ``implicit`` (``--rationale-model`` for a trained rationale model).
+  RATIONALYST ``random`` and ``implicit`` with the reference scoring context (default) and the inline
+  one (``--rationale-model`` for a trained rationale model).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def strategies_suite(args) -> list[tuple[str, dict]]:
         ("beam-search-w4x2", {"strategy": "beam-search", "samples": 1, "params": {"width": "4", "expansions": "2"}}),
         ("rationalyst-random", {"strategy": "rationalyst", "samples": 1, "params": {"mode": "random"}}),
         ("rationalyst-implicit", {"strategy": "rationalyst", "samples": 1, "params": {"mode": "implicit"}}),
+        ("rationalyst-implicit-inline", {"strategy": "rationalyst", "samples": 1,
+                                         "params": {"mode": "implicit", "scoring_context": "inline"}}),
     ]
     if args.rationale_model:
         runs.append(("rationalyst-implicit-trained", {"strategy": "rationalyst", "samples": 1,
@@ -65,13 +70,23 @@ SUITES = {"qsharp": qsharp_suite, "strategies": strategies_suite}
 
 
 def table_row(label: str, summary: dict) -> dict:
+    """One table row; an oracle-stop method has no ``accuracy`` (its figures are solved@k)."""
     row = {"method": label, "problems": summary["problems"], "samples": summary["samples"],
-           "accuracy": summary["accuracy"], "tokens_generated": summary["tokens_generated"],
+           "verifier": summary.get("verifier"), "tokens_generated": summary["tokens_generated"],
            "tokens_per_second": summary["tokens_per_second"]}
     for key, value in summary.items():
-        if key.startswith(("pass@", "maj@", "kl", "solved@")) or key in ("attempts_mean", "cost_per_problem"):
+        if key.startswith(("accuracy", "pass@", "maj@", "kl", "solved@")) or key in (
+                "trial_histogram", "attempts_mean", "cost_per_problem"):
             row[key] = value
     return row
+
+
+def headline(row: dict) -> tuple[str, dict]:
+    """The figure a row is plotted by: accuracy, or for an oracle-stop method solved@budget (labelled so)."""
+    if "accuracy" in row:
+        return "accuracy", row["accuracy"]
+    budget = max(int(key.split("@")[1]) for key in row if key.startswith("solved@"))
+    return f"solved@{budget}", row[f"solved@{budget}"]
 
 
 def main() -> None:
@@ -116,11 +131,15 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     def plot(ax):
-        means = [r["accuracy"]["mean"] for r in rows]
-        errors = [r["accuracy"]["ci95"] for r in rows]
-        ax.bar(range(len(rows)), means, yerr=errors, capsize=4, color="tab:blue")
-        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
-        ax.set_ylabel(f"accuracy (mean pass@1, 95% CI) on {args.task}")
+        figures = [headline(r) for r in rows]
+        means = [f["mean"] for _, f in figures]
+        errors = [[f["mean"] - f["low"] for _, f in figures], [f["high"] - f["mean"] for _, f in figures]]
+        oracle = [name != "accuracy" for name, _ in figures]
+        ax.bar(range(len(rows)), means, yerr=errors, capsize=4, color=["tab:gray" if o else "tab:blue" for o in oracle])
+        labels = [r["method"] + (f"\n({name}, oracle)" if o else "") for r, (name, _), o in zip(rows, figures, oracle)]
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"accuracy (mean pass@1, 95% interval) on {args.task};\ngray: oracle solved@k (upper bound)")
 
     name = args.name or f"evidence-{args.suite}-{args.task}" + ("-" + "-".join(args.only) if args.only else "")
     path = write_result(name, {"suite": args.suite, "task": args.task, "model": args.model, "limit": args.limit,

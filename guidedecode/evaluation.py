@@ -15,6 +15,7 @@ Each chunk's lines are appended and fsynced together; a torn last line is droppe
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,20 +86,23 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
         from guidedecode.models import load_model
 
         model, tokenizer = load_model(config.model)
-    # A guide learns the sampling settings (Q#'s KL accounting needs them); a strategy keeps its own
-    # (e.g. Revision is greedy) unless they are given as parameters.
+    # The run's sampling settings reach the guide (Q#'s KL accounting needs them) and the strategy; a
+    # strategy that ends up with other ones is refused (check_strategy_settings), never recorded wrongly.
     context = {"model": model, "task": task, "max_new_tokens": config.max_new_tokens}
     sampling = {"temperature": config.temperature, "top_p": config.top_p}
     guide = build_guide(config.guide, tokenizer, config.params, context={**context, **sampling}) if config.guide else None
-    strategy = build_strategy(config.strategy, tokenizer, config.params, context=context) if config.strategy else None
+    strategy = None
+    if config.strategy:
+        strategy = build_strategy(config.strategy, tokenizer, config.params, context={**context, **sampling})
+        check_strategy_settings(strategy, config)
     if strategy is not None and hasattr(strategy, "extract"):
         strategy.extract = task.extract  # vote over the task's own answer format
     backend = HFBackend(model, tokenizer, batch_size=config.batch_size, logits_processor=[guide] if guide else None)
 
     results_path = out / "results.jsonl"
     done = {record["id"] for record in read_results(results_path)}
-    # sequences per generate call ~ batch_size: a strategy with a budget of b attempts takes batch_size // b problems
-    width = config.samples * (attempt_budget(strategy) or 1 if strategy else 1)
+    # sequences per generate call ~ batch_size: a strategy sampling b sequences per prompt takes batch_size // b problems
+    width = config.samples * (_sequences_per_prompt(strategy) if strategy else 1)
     per_chunk = max(1, config.batch_size // width)
     chunks = [problems[i : i + per_chunk] for i in range(0, len(problems), per_chunk)]
     bar = _progress(len(problems), len(done & {p.id for p in problems}), progress, config.task)
@@ -116,16 +120,52 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
     return summary
 
 
+def check_strategy_settings(strategy, config: EvalConfig) -> None:
+    """The strategy samples with the run's temperature, top-p and max new tokens, or the run is refused.
+
+    The registry hands a strategy the run's settings; a ``-p`` parameter that sets another value, or a
+    method that cannot use them (token beam search decodes at temperature 0), would make
+    ``config.json`` / ``summary.json`` record settings the run did not use.
+    """
+    name = config.strategy
+    temperature = getattr(strategy, "temperature", None)
+    if temperature is None:
+        raise GuidedecodeError(f"strategy '{name}' does not say at which temperature it decodes")
+    if float(temperature) != float(config.temperature):
+        raise GuidedecodeError(
+            f"strategy '{name}' decodes at temperature {temperature:g} but the run says --temperature "
+            f"{config.temperature:g}: give the temperature once, as --temperature {temperature:g}"
+        )
+    top_p = getattr(strategy, "top_p", None)
+    if temperature > 0 and (top_p is None or float(top_p) != float(config.top_p)):
+        raise GuidedecodeError(
+            f"strategy '{name}' samples with top-p {top_p if top_p is not None else 'of its own'} but the run says "
+            f"--top-p {config.top_p:g}: give top-p once, as --top-p"
+        )
+    if getattr(strategy, "max_new_tokens", config.max_new_tokens) != config.max_new_tokens:
+        raise GuidedecodeError(
+            f"strategy '{name}' generates up to {strategy.max_new_tokens} new tokens but the run says "
+            f"--max-new-tokens {config.max_new_tokens}: give the limit once, as --max-new-tokens"
+        )
+
+
+def _sequences_per_prompt(strategy) -> int:
+    """How many sequences one prompt puts in a generate call: its attempts, or a step search's candidates."""
+    return max(attempt_budget(strategy) or 1, getattr(strategy, "candidates_per_step", 1))
+
+
 def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) -> list[dict]:
+    # A prompt reaches the harness's consumer once: chat messages for strategies that render (and
+    # extend) the chat themselves, else the text rendered with the chat template, never both.
     if getattr(strategy, "takes_messages", False):
-        prompts = [task.messages(p) for p in chunk]  # strategies that extend the chat themselves
+        prompts = [task.messages(p) for p in chunk]
     else:
         prompts = [backend.chat_prompt(task.messages(p)) for p in chunk]
     started, spent_before = time.perf_counter(), backend.stats.counters()
     infos, trials = None, None
     if strategy is not None:
         texts, tokens = [[] for _ in chunk], [[] for _ in chunk]
-        attempts, trials = [[] for _ in chunk], [[] for _ in chunk]
+        attempts, trials, traces = [[] for _ in chunk], [[] for _ in chunk], [[] for _ in chunk]
         if getattr(strategy, "oracle", False):
             by_gold = {p.answer: p for p in chunk}
             strategy.check = lambda text, gold: task.check(text, by_gold[gold])  # the oracle-stop protocol
@@ -136,6 +176,7 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
                 tokens[i].append(result.generated_tokens)
                 attempts[i].append(result.attempts)
                 trials[i].append(trial_index(result) if getattr(strategy, "oracle", False) else None)
+                traces[i].append(_jsonable(result.trace))
     elif config.temperature == 0:
         completions = backend.greedy(prompts, max_new_tokens=config.max_new_tokens)
         texts, tokens = [[c.text] for c in completions], [[c.num_tokens] for c in completions]
@@ -165,11 +206,14 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
         for problem, row, row_tokens in zip(chunk, texts, tokens)
     ]
     if trials is not None:
-        for record, row_attempts, row_trials in zip(records, attempts, trials):
-            record["attempts"] = row_attempts
+        for record, row_attempts, row_trials, row_traces in zip(records, attempts, trials, traces):
+            record["attempts"] = row_attempts  # complete answers made (the attempt of strategies.budget)
             record["budget"] = attempt_budget(strategy)
-            if any(t is not None for t in row_trials) or getattr(strategy, "oracle", False):
+            record["trace"] = row_traces  # per sample: the strategy's trace (attempt records, RATIONALYST steps)
+            if getattr(strategy, "oracle", False):
+                # the oracle picked the completion: its verdict is "solved within the budget", not accuracy
                 record["trials"] = row_trials  # 1-based attempt of the first correct answer (oracle stop)
+                record["verifier"] = "oracle"
     for key in GUIDE_FIGURES:  # per-sample figures a guide reports (e.g. Q#'s KL), where present
         if infos and all(key in info for row in infos for info in row):
             for record, row in zip(records, infos):
@@ -178,20 +222,37 @@ def _run_chunk(task, backend, strategy, chunk, config: EvalConfig, seed: int) ->
 
 
 def attempt_budget(strategy) -> int | None:
-    """The most attempts per problem a strategy may make (its ``n``, ``k`` or beam ``width``)."""
-    for name in ("n", "k", "width"):
-        value = getattr(strategy, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    """The most attempts (complete answers, see ``strategies.budget``) per problem a strategy may make."""
+    value = getattr(strategy, "max_attempts", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _jsonable(value):
+    """A trace as JSON: tuples as lists, non-finite floats (e.g. the -inf score of a skipped candidate) as None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
-    """Metrics over the records of ``ids`` (in that order); timing fields are listed in TIMING_FIELDS."""
+    """Metrics over the records of ``ids`` (in that order); timing fields are listed in TIMING_FIELDS.
+
+    Intervals are 95% and stay inside [0, 1] (``metrics.mean_ci``: Wilson, or a bootstrap over problems
+    seeded with the run's seed when several samples share a problem). An oracle-stop run (the oracle
+    picked each completion) reports only oracle names: solved@k and the trial histogram, never
+    accuracy, pass@k or maj@k (spec test_time_scaling.md, pitfall 1).
+    """
     by_id = {r["id"]: r for r in records}
     rows = [by_id[i] for i in ids if i in by_id]
     k = config.samples
-    pass1 = [sum(r["correct"]) / len(r["correct"]) for r in rows]
+    oracle = bool(rows) and all("trials" in r for r in rows)
+    ci = lambda values: mean_ci(values, seed=config.seed)  # noqa: E731
     summary = {
         "task": config.task,
         "model": config.model,
@@ -204,20 +265,25 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
         "temperature": config.temperature,
         "top_p": config.top_p,
         "seed": config.seed,
-        "accuracy": mean_ci(pass1),
+        "verifier": "oracle" if oracle else None,
         "tokens_generated": sum(sum(r["tokens"]) for r in rows),
     }
-    for kk in sorted({1, 2, 4, 8, 16, 32, k} & set(range(1, k + 1))):
-        summary[f"pass@{kk}"] = mean_ci([pass_at_k(len(r["correct"]), sum(r["correct"]), kk) for r in rows])
-    summary[f"maj@{k}"] = mean_ci([float(majority_correct(r["answers"], r["correct"])) for r in rows])
-    for key in GUIDE_FIGURES:
-        if rows and all(key in r for r in rows):
-            summary[key] = mean_ci([sum(r[key]) / len(r[key]) for r in rows])
-    if rows and all("trials" in r for r in rows):  # oracle-stop strategies: solved@k and the trial histogram
+    if oracle:  # oracle stop: solved@k (each problem's share of samples solved within k attempts) + histogram
         trials = [t for r in rows for t in r["trials"]]
         budget = max(r.get("budget") or max(r["attempts"]) for r in rows)
         summary["trial_histogram"] = trial_histogram(trials, budget)
-        summary.update(solved_at_ks(trials, budget))
+        for name in solved_at_ks(trials, budget):
+            kk = int(name.split("@")[1])
+            summary[name] = ci([sum(t is not None and t <= kk for t in r["trials"]) / len(r["trials"])
+                                for r in rows])
+    else:
+        summary["accuracy"] = ci([sum(r["correct"]) / len(r["correct"]) for r in rows])
+        for kk in sorted({1, 2, 4, 8, 16, 32, k} & set(range(1, k + 1))):
+            summary[f"pass@{kk}"] = ci([pass_at_k(len(r["correct"]), sum(r["correct"]), kk) for r in rows])
+        summary[f"maj@{k}"] = ci([float(majority_correct(r["answers"], r["correct"])) for r in rows])
+    for key in GUIDE_FIGURES:
+        if rows and all(key in r for r in rows):
+            summary[key] = ci([sum(r[key]) / len(r[key]) for r in rows])
     if rows and all("attempts" in r for r in rows):
         summary["attempts_mean"] = sum(sum(r["attempts"]) for r in rows) / sum(len(r["attempts"]) for r in rows)
     if rows and all("cost" in r for r in rows):  # per problem, averaged over problems (all samples included)

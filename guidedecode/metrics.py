@@ -3,8 +3,10 @@
 * pass@k, unbiased (Chen et al., 2021): with n samples of which c are correct,
       pass@k = 1 - C(n - c, k) / C(n, k)
 * maj@k: the majority-voted answer of the k samples is correct (ties: earliest answer);
-* a mean with a normal-approximation 95% confidence interval over problems,
-      mean +- 1.96 * s / sqrt(m);
+* a mean over problems with a 95% interval that stays inside the values' range (:func:`mean_ci`):
+  the Wilson score interval when every problem contributes one 0/1 value (a proportion, from
+  ``scipy.stats.binomtest``), else a seeded percentile bootstrap over problems (several samples of
+  one problem are resampled together; ``scipy.stats.bootstrap``);
 * solved@k with oracle stop (FTTT, arXiv 2502.15771): each problem's *trial* t is the 1-based index
   of its first correct attempt (None if unsolved within the budget), and over m problems
       solved@k = (1/m) * #{problems with t <= k},
@@ -42,14 +44,60 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> 
     return bool(correct[winner[0]])
 
 
-def mean_ci(values: Sequence[float]) -> dict:
-    """Mean and the half-width of its 95% normal confidence interval."""
-    m = len(values)
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 4000
+
+
+def proportion_ci(successes: int, trials: int) -> dict:
+    """``successes / trials`` with its 95% Wilson score interval (inside [0, 1] by construction)."""
+    from scipy.stats import binomtest
+
+    if isinstance(successes, bool) or isinstance(trials, bool) or not 0 <= successes <= trials:
+        raise GuidedecodeError(f"a proportion needs 0 <= successes <= trials, got {successes} of {trials}")
+    if trials == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "interval": "wilson"}
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    return {"mean": successes / trials, "low": float(ci.low), "high": float(ci.high), "n": trials,
+            "interval": "wilson"}
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = 0) -> dict:
+    """The mean of per-problem ``values`` with a seeded 95% percentile-bootstrap interval over problems.
+
+    Resampling whole problems keeps the samples of one problem together; the interval's ends are
+    means of observed values, so it never leaves their range (e.g. [0, 1] for per-problem pass@1).
+    """
+    import warnings
+
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    data = np.asarray(values, dtype=float)
+    m = len(data)
     if m == 0:
-        return {"mean": float("nan"), "ci95": float("nan"), "n": 0}
-    mean = sum(values) / m
-    var = sum((v - mean) ** 2 for v in values) / (m - 1) if m > 1 else 0.0
-    return {"mean": mean, "ci95": 1.96 * math.sqrt(var / m), "n": m}
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "interval": "bootstrap"}
+    mean = float(data.mean())
+    if m == 1 or np.all(data == data[0]):
+        low = high = mean  # every resample has the same mean
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ci = bootstrap((data,), np.mean, confidence_level=CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES,
+                           method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+    return {"mean": mean, "low": low, "high": high, "n": m, "interval": "bootstrap", "seed": seed}
+
+
+def mean_ci(values: Sequence[float], seed: int = 0) -> dict:
+    """Mean over problems with a 95% interval: Wilson when every value is 0 or 1 (one verdict per
+    problem), else the seeded bootstrap over problems (:func:`bootstrap_ci`).
+
+    Returns ``{"mean", "low", "high", "n", "interval"}``; ``low <= mean <= high``.
+    """
+    values = [float(v) for v in values]
+    if values and all(v in (0.0, 1.0) for v in values):
+        return proportion_ci(int(sum(values)), len(values))
+    return bootstrap_ci(values, seed)
 
 
 def trial_index(item) -> int | None:

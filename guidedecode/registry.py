@@ -63,11 +63,12 @@ def _token_beam(tokenizer, width: int = 8, oracle: int = 0, max_new_tokens: int 
     return _with_oracle(TokenBeamSearch(width, tokenizer=tokenizer, max_new_tokens=max_new_tokens), oracle)
 
 
-def _revision(tokenizer, k: int = 4, temperature: float = 0.0, oracle: int = 0, max_new_tokens: int = 256):
+def _revision(tokenizer, k: int = 4, temperature: float = 0.0, top_p: float = 1.0, oracle: int = 0,
+              max_new_tokens: int = 256):
     from guidedecode.strategies import Revision
 
-    return _with_oracle(Revision(k, temperature=temperature, tokenizer=tokenizer, max_new_tokens=max_new_tokens),
-                        oracle)
+    return _with_oracle(Revision(k, temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+                                 max_new_tokens=max_new_tokens), oracle)
 
 
 def _self_refine(tokenizer, k: int = 4, temperature: float = 0.6, top_p: float = 0.95, oracle: int = 0,
@@ -79,9 +80,11 @@ def _self_refine(tokenizer, k: int = 4, temperature: float = 0.6, top_p: float =
 
 
 def _rationalyst(tokenizer, k: int = 3, mode: str = "implicit", score_fn: str = "mean", gamma: float = 0.9,
-                 temperature: float = 0.7, step_boundary: str = "\\n", max_steps: int = 15, max_step_tokens: int = 96,
-                 max_rationale_tokens: int = 48, rationale_model: str = "", max_new_tokens: int = 512):
-    """``rationale_model``: a trained rationale model (directory or embedded name); default: the policy itself."""
+                 temperature: float = 0.7, top_p: float = 1.0, step_boundary: str = "\\n", max_steps: int = 15,
+                 max_step_tokens: int = 96, max_rationale_tokens: int = 48, rationale_model: str = "",
+                 scoring_context: str = "reference", max_new_tokens: int = 512):
+    """``rationale_model``: a trained rationale model (directory or embedded name); default: the policy itself.
+    ``scoring_context``: reference (the paper's scorer prompt, each step its own assistant turn) | inline."""
     from guidedecode.strategies import RationaleStepSearch
 
     rationale_backend = None
@@ -90,9 +93,10 @@ def _rationalyst(tokenizer, k: int = 3, mode: str = "implicit", score_fn: str = 
         from guidedecode.models import load_model
 
         rationale_backend = HFBackend(*load_model(rationale_model))
-    return RationaleStepSearch(k, mode=mode, score_fn=score_fn, gamma=gamma, temperature=temperature,
-                               step_boundary=_unescape(step_boundary), max_steps=max_steps,
-                               max_step_tokens=max_step_tokens, max_rationale_tokens=max_rationale_tokens,
+    return RationaleStepSearch(k, mode=mode, score_fn=score_fn, gamma=gamma, temperature=temperature, top_p=top_p,
+                               scoring_context=scoring_context, step_boundary=_unescape(step_boundary),
+                               max_steps=max_steps, max_step_tokens=max_step_tokens,
+                               max_rationale_tokens=max_rationale_tokens,
                                rationale_backend=rationale_backend, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
 
 

@@ -19,6 +19,7 @@ from guidedecode.strategies.beam_search import BeamSearch, TokenBeamSearch
 from guidedecode.strategies.best_of_n import BestOfN
 from guidedecode.strategies.budget import AttemptLog
 from guidedecode.strategies.revision import TRY_AGAIN, Revision
+from guidedecode.strategies.rationalyst import RationaleStepSearch
 from guidedecode.strategies.self_consistency import SelfConsistency
 from guidedecode.strategies.self_refine import CRITIQUE, SelfRefine
 
@@ -458,6 +459,7 @@ def test_token_beam_search_halves_width_on_injected_oom(backend, monkeypatch):
 @pytest.mark.parametrize("make", [
     lambda k: BestOfN(k), lambda k: SelfConsistency(k), lambda k: Revision(k), lambda k: SelfRefine(k),
     lambda k: BeamSearch(k), lambda k: BeamSearch(2, k), lambda k: TokenBeamSearch(k),
+    lambda k: RationaleStepSearch(k),
 ])
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])
 def test_budgets_below_one_or_not_integers_are_rejected(make, k):
@@ -524,7 +526,7 @@ def test_feedback_loop_reward_model_ranks_beams(backend):
     from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
     from guidedecode.strategies.scorers import MeanLogProbScorer
 
-    loop = FeedbackLoop(backend, Verifier.reward_model(MeanLogProbScorer()), budget=2, strategy="beam",
+    loop = FeedbackLoop(backend, Verifier.reward_model(MeanLogProbScorer()), budget=2, strategy="step_beam",
                         expansions=2, step_stop="\n", max_steps=2, max_step_tokens=3, seed=0, max_new_tokens=6)
     (report,) = loop.run(["Count:"])
     assert 1 <= len(report["attempts"]) <= 2 and report["verifier"] == "reward_model"
@@ -535,10 +537,14 @@ def test_feedback_loop_bad_input_is_named(backend):
     from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
     from guidedecode.strategies.scorers import MeanLogProbScorer
 
-    with pytest.raises(StrategyError, match="unknown strategy 'fttt'"):
-        FeedbackLoop(backend, Verifier.none(), strategy="fttt")
-    with pytest.raises(StrategyError, match="only best_of_n and beam"):
+    with pytest.raises(StrategyError, match="unknown strategy 'nope'"):
+        FeedbackLoop(backend, Verifier.none(), strategy="nope")
+    with pytest.raises(StrategyError, match="only best_of_n and step_beam"):
         FeedbackLoop(backend, Verifier.reward_model(MeanLogProbScorer()), strategy="revision")
+    with pytest.raises(StrategyError, match="only best_of_n and step_beam"):
+        FeedbackLoop(backend, Verifier.reward_model(MeanLogProbScorer()), strategy="beam")
+    with pytest.raises(StrategyError, match="token-level beam search at temperature 0.*temperature"):
+        FeedbackLoop(backend, Verifier.none(), strategy="beam", temperature=0.7)
     with pytest.raises(StrategyError, match="needs a Verifier"):
         FeedbackLoop(backend, "oracle")
     with pytest.raises(StrategyError, match="callable scorer"):
@@ -546,3 +552,24 @@ def test_feedback_loop_bad_input_is_named(backend):
     with pytest.raises(StrategyError, match="pass golds="):
         FeedbackLoop(backend, Verifier.oracle(), budget=2).run(["Q:"])
     assert FeedbackLoop(backend, Verifier.none(), budget=2).run([]) == []
+
+
+def test_feedback_loop_beam_is_the_fttt_token_beam_search_at_temperature_0(backend):
+    """FTTT's beam-search baseline is HF token-level beam search without sampling: ``strategy="beam"`` runs
+    exactly that (the returned beams are transformers' own, best first); the sampled step-level search is
+    ``strategy="step_beam"``."""
+    from guidedecode.strategies.feedback_loop import FeedbackLoop, Verifier
+
+    loop = FeedbackLoop(backend, Verifier.none(), budget=2, strategy="beam", max_new_tokens=4)
+    assert isinstance(loop.strategy, TokenBeamSearch) and loop.strategy.temperature == 0.0
+    assert isinstance(FeedbackLoop(backend, Verifier.none(), budget=2, strategy="step_beam").strategy, BeamSearch)
+    (report,) = loop.run(["Hello"])
+    ids = torch.tensor([backend.encode("Hello")])
+    direct = backend.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=2,
+                                    num_return_sequences=2, do_sample=False, max_new_tokens=4,
+                                    pad_token_id=backend.pad_token_id, eos_token_id=list(backend.eos_token_ids))
+    expected = [backend._completion(row[ids.shape[1]:].tolist(), [], 4).text for row in direct]
+    assert [a["text"] for a in report["attempts"]] == expected
+    assert report["text"] == expected[0]  # no verifier: the top beam
+    (again,) = loop.run(["Hello"])
+    assert again["attempts"] == report["attempts"]  # T = 0: deterministic

@@ -24,8 +24,43 @@ def test_majority_and_ci():
     assert majority_correct(["5", "3", "5", None], [True, False, True, False]) is True
     assert majority_correct(["3", "5", "5", "3"], [False, True, True, False]) is False  # tie -> earliest ("3")
     assert majority_correct([None, None], [False, False]) is False
-    stats = mean_ci([1.0, 0.0, 1.0, 1.0])
-    assert stats["mean"] == 0.75 and stats["ci95"] == pytest.approx(1.96 * (0.25 / 4) ** 0.5)
+
+
+def wilson(successes, n, z=1.959963984540054):
+    """The Wilson score interval written out from its formula (Wilson 1927)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("values", [[1.0] * 19 + [0.0], [0.0] * 9 + [1.0], [1.0] * 5, [0.0, 1.0, 1.0, 1.0]])
+def test_a_proportion_gets_the_wilson_interval_inside_0_1(values):
+    stats = mean_ci(values)
+    low, high = wilson(int(sum(values)), len(values))
+    assert stats["mean"] == sum(values) / len(values) and stats["interval"] == "wilson"
+    assert (stats["low"], stats["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert 0.0 <= stats["low"] <= stats["mean"] <= stats["high"] <= 1.0
+
+
+def test_several_samples_per_problem_get_a_seeded_bootstrap_over_problems():
+    import random
+
+    rng = random.Random(3)
+    per_problem = [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in range(15)] + [1.0, 1.0, 0.75]
+    first, again, other = mean_ci(per_problem, seed=1), mean_ci(per_problem, seed=1), mean_ci(per_problem, seed=2)
+    assert first == again and first["interval"] == "bootstrap" and first != other
+    assert min(per_problem) <= first["low"] < first["mean"] < first["high"] <= max(per_problem)
+    # a percentile bootstrap by hand: resample problems with replacement, take the 2.5% / 97.5% quantiles
+    import numpy as np
+
+    data = np.array(per_problem)
+    means = np.sort(data[np.random.default_rng(0).integers(0, len(data), (20000, len(data)))].mean(axis=1))
+    assert first["low"] == pytest.approx(means[int(0.025 * len(means))], abs=0.03)
+    assert first["high"] == pytest.approx(means[int(0.975 * len(means))], abs=0.03)
+    # near the bound the interval stays inside it (a normal approximation ran past 1 here)
+    near_one = mean_ci([1.0] * 9 + [0.5])
+    assert near_one["high"] <= 1.0 and near_one["low"] >= 0.5
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +120,7 @@ def test_resuming_with_different_settings_is_refused(tmp_path, tiny_dir):
 
 
 def test_eval_with_a_strategy(tmp_path, tiny_dir):
-    summary = run_eval(config_for(tiny_dir, guide=None, params={"n": "2", "max_new_tokens": "8"}, samples=1,
+    summary = run_eval(config_for(tiny_dir, guide=None, params={"n": "2"}, samples=1, max_new_tokens=8,
                                   strategy="self-consistency", limit=2), tmp_path / "sc", progress=False)
     records = lines(tmp_path / "sc" / "results.jsonl")
     assert summary["problems"] == 2 and all(len(r["completions"]) == 1 for r in records)
@@ -146,7 +181,7 @@ def test_oracle_strategy_eval_records_trials_and_solved_at_k(tmp_path, tiny_dir,
     monkeypatch.setattr(SyntheticArithmetic, "check", lambda self, text, problem: len(text) % 2 == 0)
     monkeypatch.setattr(SyntheticArithmetic, "check_many",
                         lambda self, texts, problems: [len(t) % 2 == 0 for t in texts])
-    config = config_for(tiny_dir, guide=None, params={"n": "4", "oracle": "1", "max_new_tokens": "6"},
+    config = config_for(tiny_dir, guide=None, params={"n": "4", "oracle": "1"}, max_new_tokens=6,
                         strategy="best-of-n", samples=1, limit=5)
     summary = run_eval(config, tmp_path / "oracle", progress=False)
     records = lines(tmp_path / "oracle" / "results.jsonl")
@@ -159,13 +194,17 @@ def test_oracle_strategy_eval_records_trials_and_solved_at_k(tmp_path, tiny_dir,
             assert record["attempts"] == [trial] and record["correct"] == [True]
     solved = [t for t in trials if t is not None]
     assert summary["trial_histogram"]["solved"] == [solved.count(j) for j in range(1, 5)]
-    assert summary["solved@1"] == solved.count(1) / 5 and summary["solved@4"] == len(solved) / 5
-    assert summary["accuracy"]["mean"] == summary["solved@4"]
+    assert summary["solved@1"]["mean"] == solved.count(1) / 5 and summary["solved@4"]["mean"] == len(solved) / 5
+    assert 0 <= summary["solved@4"]["low"] <= summary["solved@4"]["mean"] <= summary["solved@4"]["high"] <= 1
+    # the oracle picked each completion: its numbers appear only under oracle names, never as plain accuracy
+    assert summary["verifier"] == "oracle"
+    assert not any(key == "accuracy" or key.startswith(("pass@", "maj@")) for key in summary)
+    assert all(r["verifier"] == "oracle" for r in records)
 
 
 def test_revision_eval_gets_chat_messages(tmp_path, tiny_dir):
-    config = config_for(tiny_dir, guide=None, params={"k": "2", "max_new_tokens": "4"}, strategy="revision",
-                        samples=1, limit=2)
+    config = config_for(tiny_dir, guide=None, params={"k": "2"}, strategy="revision", max_new_tokens=4,
+                        temperature=0.0, samples=1, limit=2)
     summary = run_eval(config, tmp_path / "revision", progress=False)
     assert summary["problems"] == 2 and summary["attempts_mean"] == 2  # no oracle: the whole budget
 
@@ -200,14 +239,81 @@ def test_best_of_n_with_a_value_model_scorer_and_weighted_vote(tmp_path, tiny_di
     model, tokenizer = load_model(str(tiny_dir))
     value_dir = tmp_path / "value-model"
     ValueModel.from_backbone(model, head="v", init="normal", tokenizer=tokenizer).save_pretrained(value_dir)
-    params = {"n": "2", "max_new_tokens": "6", "scorer": "value", "value_model": str(value_dir),
-              "selection": "weighted_vote"}
+    params = {"n": "2", "scorer": "value", "value_model": str(value_dir), "selection": "weighted_vote"}
     strategy = build_strategy("best-of-n", tokenizer, params, context={"model": model})
     assert isinstance(strategy.scorer, ValueModelScorer) and strategy.selection == "weighted_vote"
-    summary = run_eval(config_for(tiny_dir, guide=None, strategy="best-of-n", params=params, samples=1, limit=2),
-                       tmp_path / "bon", model=model, tokenizer=tokenizer, progress=False)
+    summary = run_eval(config_for(tiny_dir, guide=None, strategy="best-of-n", params=params, samples=1, limit=2,
+                                  max_new_tokens=6), tmp_path / "bon", model=model, tokenizer=tokenizer, progress=False)
     assert summary["problems"] == 2 and summary["cost_per_problem"]["generated_tokens"] > 0
     with pytest.raises(GuidedecodeError, match="needs -p value_model=DIR"):
         build_strategy("best-of-n", tokenizer, {"scorer": "value"}, context={"model": model})
     with pytest.raises(GuidedecodeError, match="only with scorer=value"):
         build_strategy("best-of-n", tokenizer, {"value_model": str(value_dir)}, context={"model": model})
+
+
+# ------------------------------------------------------------------ strategies under eval: settings, prompts, traces
+
+
+@pytest.mark.parametrize("strategy, params, temperature, top_p, message", [
+    ("best-of-n", {"n": "2", "temperature": "0.2"}, 0.7, 1.0, "decodes at temperature 0.2 but the run says"),
+    ("best-of-n", {"n": "2", "top_p": "0.5"}, 0.7, 1.0, "samples with top-p 0.5 but the run says --top-p 1"),
+    ("best-of-n", {"n": "2", "max_new_tokens": "3"}, 0.7, 1.0, "up to 3 new tokens but the run says"),
+    ("token-beam", {"width": "2"}, 0.7, 1.0, "decodes at temperature 0 but the run says --temperature 0.7"),
+    ("revision", {"k": "2", "temperature": "0"}, 0.7, 1.0, "decodes at temperature 0 but"),
+])
+def test_strategy_settings_that_disagree_with_the_run_are_refused(tmp_path, tiny_dir, strategy, params,
+                                                                 temperature, top_p, message):
+    from guidedecode.errors import GuidedecodeError
+
+    config = config_for(tiny_dir, guide=None, strategy=strategy, params=params, samples=1, limit=1,
+                        temperature=temperature, top_p=top_p)
+    with pytest.raises(GuidedecodeError, match=message):
+        run_eval(config, tmp_path / "run", progress=False)
+
+
+def test_eval_sampling_settings_reach_the_strategy(tmp_path, tiny_dir, monkeypatch):
+    """--temperature / --top-p are the ones the strategy samples with, and the ones summary.json records."""
+    from guidedecode.backends.hf import HFBackend
+
+    used = []
+    real_sample = HFBackend.sample
+
+    def spy(self, prompts, n=1, **kwargs):
+        used.append((kwargs["temperature"], kwargs["top_p"], kwargs["max_new_tokens"]))
+        return real_sample(self, prompts, n, **kwargs)
+
+    monkeypatch.setattr(HFBackend, "sample", spy)
+    for strategy, params in (("best-of-n", {"n": "2"}), ("self-consistency", {"n": "2"}),
+                             ("rationalyst", {"mode": "random", "max_steps": "1", "max_step_tokens": "4"})):
+        used.clear()
+        config = config_for(tiny_dir, guide=None, strategy=strategy, params=params, samples=1, limit=1,
+                            temperature=0.2, top_p=0.9, max_new_tokens=5)
+        summary = run_eval(config, tmp_path / strategy, progress=False)
+        assert used and all(t == 0.2 and p == 0.9 for t, p, _ in used), (strategy, used)
+        assert summary["temperature"] == 0.2 and summary["top_p"] == 0.9
+
+
+def test_rationalyst_eval_renders_the_chat_once_and_keeps_its_trace(tmp_path, tiny_dir, monkeypatch):
+    from guidedecode.backends.hf import HFBackend
+
+    seen = []
+    real_greedy, real_sample = HFBackend.greedy, HFBackend.sample
+    monkeypatch.setattr(HFBackend, "greedy", lambda self, prompts, **kw: seen.extend(prompts) or real_greedy(
+        self, prompts, **kw))
+    monkeypatch.setattr(HFBackend, "sample", lambda self, prompts, n=1, **kw: seen.extend(prompts) or real_sample(
+        self, prompts, n, **kw))
+    config = config_for(tiny_dir, guide=None, strategy="rationalyst", samples=1, limit=2, max_new_tokens=24,
+                        params={"k": "2", "max_steps": "2", "max_step_tokens": "6", "max_rationale_tokens": "4"})
+    summary = run_eval(config, tmp_path / "rationalyst", progress=False)
+    assert seen
+    # one chat: one system turn at most and no rendered chat inside a user message
+    for prompt in seen:
+        assert prompt.count("<|im_start|>system") <= 1, prompt
+        users = prompt.split("<|im_start|>user\n")[1:]
+        assert all("<|im_start|>" not in user.split("<|im_end|>")[0] for user in users), prompt
+    records = lines(tmp_path / "rationalyst" / "results.jsonl")
+    for record in records:
+        (trace,) = record["trace"]  # one sample: its per-step trace
+        assert 1 <= len(trace) <= 2 and all({"rationale", "candidates", "chosen", "scores"} <= set(e) for e in trace)
+        assert record["attempts"] == [1] and record["budget"] == 1  # one complete answer, like every strategy
+    assert summary["attempts_mean"] == 1

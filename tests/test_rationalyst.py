@@ -10,7 +10,8 @@ from transformers import LogitsProcessor
 
 from guidedecode.backends.hf import HFBackend
 from guidedecode.errors import StrategyError
-from guidedecode.strategies.rationalyst import RationaleStepSearch, contains_answer_marker
+from guidedecode.strategies.rationalyst import (SCORER_SYSTEM_PROMPT, RationaleStepSearch, contains_answer_marker,
+                                                last_user_message)
 from guidedecode.testing import tiny_model
 
 PROMPTS = ["Question: what is 2+3?\nAnswer:", "Q: name a colour"]
@@ -84,31 +85,50 @@ def brute_logprobs(model, tokenizer, context, continuation):
     return [float(logp[t - 1, ids[t]]) for t in range(first, len(ids))]
 
 
+def reference_context(tokenizer, user):
+    """The reference's scoring context (get_post_prob): [system: S_r, user: traj <BOT>r<EOT>], then the
+    candidate as the assistant turn."""
+    return tokenizer.apply_chat_template([{"role": "system", "content": SCORER_SYSTEM_PROMPT},
+                                          {"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("context", ["reference", "inline"])
 @pytest.mark.parametrize("score_fn,gamma", [("mean", 0.9), ("decayed", 0.8), ("pmi", 0.9)])
-def test_choice_is_the_argmax_of_brute_force_scores(parts, score_fn, gamma):
+def test_choice_is_the_argmax_of_brute_force_scores(parts, score_fn, gamma, context):
     model, tokenizer = parts
     backend = recording(parts)
     strategy = RationaleStepSearch(3, score_fn=score_fn, gamma=gamma, step_boundary=BOUNDARY, max_steps=2,
-                                   max_step_tokens=16, max_rationale_tokens=5, seed=4, is_final=lambda s: False)
+                                   max_step_tokens=16, max_rationale_tokens=5, seed=4, is_final=lambda s: False,
+                                   scoring_context=context)
     results = strategy.run(backend, PROMPTS)
     checked = 0
     for prompt, result in zip(PROMPTS, results):
         assert len(result.trace) == 2
-        prefix = prompt
+        prefix, trajectory = prompt, prompt  # a plain-text prompt starts the trajectory as written
         for entry in result.trace:
             block = "<BOT>" + entry["rationale"] + "<EOT>"
+            if context == "inline":  # the rationale after the policy's context, the candidate continuing it
+                with_context, without_context = prefix + block, prefix
+                scored = list(entry["candidates"])
+            else:  # each candidate its own assistant turn, without its boundary and surrounding whitespace
+                with_context = reference_context(tokenizer, trajectory + " " + block)
+                without_context = reference_context(tokenizer, trajectory)
+                scored = [t[:-1].strip() if t.endswith("e") else t.strip() for t in entry["candidates"]]
+            usable = [i for i, t in enumerate(scored) if t and entry["candidates"][i]]
+            finished = [i for i in usable if entry["finish_reasons"][i] != "length"]
+            assert entry["eligible"] == (finished or usable) and entry["truncated"] == (not finished and bool(usable))
             expected = []
-            for i, (text, finish) in enumerate(zip(entry["candidates"], entry["finish_reasons"])):
-                if finish == "length" or not text:
+            for i, text in enumerate(scored):
+                if i not in entry["eligible"]:
                     expected.append(float("-inf"))
                     continue
-                with_r = brute_logprobs(model, tokenizer, prefix + block, text)
+                with_r = brute_logprobs(model, tokenizer, with_context, text)
                 if score_fn == "decayed":
                     value = sum(gamma**j * lp for j, lp in enumerate(with_r)) / len(with_r)
                 else:
                     value = sum(with_r) / len(with_r)
                 if score_fn == "pmi":
-                    without = brute_logprobs(model, tokenizer, prefix, text)
+                    without = brute_logprobs(model, tokenizer, without_context, text)
                     value -= sum(without) / len(without)
                 assert entry["token_logprobs"]["with"][i] == pytest.approx(with_r, abs=1e-4)
                 expected.append(value)
@@ -117,6 +137,7 @@ def test_choice_is_the_argmax_of_brute_force_scores(parts, score_fn, gamma):
             best = max(range(3), key=lambda i: (expected[i], -i))
             assert entry["chosen"] == best
             prefix += entry["candidates"][entry["chosen"]]
+            trajectory += " " + entry["candidates"][entry["chosen"]].strip()
         assert result.text == prefix[len(prompt):]
     assert checked >= 8
     # one score call per live problem and step, two for pmi (with and without the rationale)
@@ -137,7 +158,7 @@ def test_random_mode_never_calls_the_rationale_model_or_scorer_and_is_seeded(par
     assert rationale.calls == {"greedy": [], "sample": [], "score": [], "score_many": []}
     assert scorer.calls == {"greedy": [], "sample": [], "score": [], "score_many": []}
     assert policy.calls["greedy"] == [] and policy.calls["score"] == []
-    assert len(policy.calls["sample"]) == 6  # one sampling call per step for both problems, three runs
+    assert len(policy.calls["sample"]) == 12  # one seeded sampling call per problem and step, three runs
     assert [r.text for r in first] == [r.text for r in again]
     assert [r.text for r in first] != [r.text for r in other]
     for result in first:
@@ -171,7 +192,7 @@ def test_stops_on_the_step_that_contains_the_answer(parts):
     # no call after a problem's answer step: each phase's call holds exactly the problems still running
     live_per_step = [sum(n > t for n in lengths) for t in range(max(lengths))]
     assert [len(prompts) for prompts, _ in rationale.calls["greedy"]] == live_per_step
-    assert [len(prompts) for prompts, _ in policy.calls["sample"]] == live_per_step
+    assert [len(prompts) for prompts, _ in policy.calls["sample"]] == [1] * sum(lengths)  # seeded per problem
     assert len(policy.calls["score"]) == sum(lengths)
     assert policy.calls["score_many"] == live_per_step  # scoring is batched across the live problems too
 
@@ -189,7 +210,7 @@ def test_default_answer_detector():
 def test_explicit_mode_puts_the_rationale_in_the_policy_prompt(parts, mode):
     policy = recording(parts)
     strategy = RationaleStepSearch(2, mode=mode, step_boundary=BOUNDARY, max_steps=2, max_step_tokens=16,
-                                   max_rationale_tokens=5, seed=3, is_final=lambda s: False)
+                                   max_rationale_tokens=5, seed=3, is_final=lambda s: False, scoring_context="inline")
     (result,) = strategy.run(policy, [PROMPTS[0]])
     prefix = PROMPTS[0]
     for entry, (prompts, _) in zip(result.trace, policy.calls["sample"]):
@@ -208,7 +229,8 @@ def test_trace_and_cost_accounting(parts):
     (result,) = strategy.run(policy, [PROMPTS[1]])
     assert len(result.trace) == 3 and result.completion.finish_reason == "length"
     assert result.trace[-1]["finish"] == "max_steps"
-    assert result.attempts == 9
+    assert result.attempts == 1  # one complete answer (the attempt of every strategy); 9 candidate steps below
+    assert sum(len(e["candidates"]) for e in result.trace) == 9
     rationale_tokens = [out[0].num_tokens for _, out in policy.calls["greedy"]]
     sampled_tokens = [sum(c.num_tokens for c in out[0]) for _, out in policy.calls["sample"]]
     assert result.generated_tokens == sum(rationale_tokens) + sum(sampled_tokens)
@@ -240,9 +262,9 @@ def test_chat_turn_steps_follow_the_chat_template(parts):
         turns = messages + [{"role": "assistant", "content": s} for s in chosen[:t]]
         assert prompts == [tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)]
     assert result.text == "<|im_end|>\n<|im_start|>assistant\n".join(chosen)
-    # the rationale model saw [user: question + " " + steps so far] in its own chat template
+    # the rationale model saw [user: "Question: q\nAnswer:" + " " + each step so far] in its own chat template
     for t, (prompts, _) in enumerate(rationale.calls["greedy"]):
-        preceding = " ".join(["What is 2+3?"] + chosen[:t])
+        preceding = "Question: What is 2+3?\nAnswer:" + "".join(" " + s.strip() for s in chosen[:t])
         assert prompts == [tokenizer.apply_chat_template([{"role": "user", "content": preceding}], tokenize=False,
                                                          add_generation_prompt=True)]
 
@@ -267,8 +289,13 @@ def test_custom_generate_wraps_only_the_policy(parts):
 
 
 def test_bad_parameters_are_named():
-    with pytest.raises(StrategyError, match="k >= 1"):
-        RationaleStepSearch(0)
+    for k in (0, True, 2.0, "3"):
+        with pytest.raises(StrategyError, match="k >= 1"):
+            RationaleStepSearch(k)
+    with pytest.raises(StrategyError, match="max_steps must be an integer"):
+        RationaleStepSearch(max_steps=True)
+    with pytest.raises(StrategyError, match="unknown scoring_context 'chat'"):
+        RationaleStepSearch(scoring_context="chat")
     with pytest.raises(StrategyError, match="unknown mode 'greedy'"):
         RationaleStepSearch(mode="greedy")
     with pytest.raises(StrategyError, match="unknown score function 'max'"):
@@ -285,20 +312,30 @@ def test_bad_parameters_are_named():
         RationaleStepSearch(max_step_tokens=0)
 
 
-def test_a_policy_that_never_reaches_a_boundary_is_an_error(parts):
-    strategy = RationaleStepSearch(3, step_boundary=["\u2603\u2603\u2603"], max_step_tokens=3,
-                                   max_rationale_tokens=2, seed=0)
-    with pytest.raises(StrategyError, match="none of the 3 candidates reached a step boundary.*max_step_tokens=3"):
-        strategy.run(recording(parts), PROMPTS)
+def test_steps_cut_at_max_step_tokens_are_kept_and_marked(parts):
+    """No candidate reaches a boundary: the search keeps a truncated step (as the reference does), records
+    it, and goes on, instead of aborting the whole run."""
+    model, tokenizer = parts
+    strategy = RationaleStepSearch(3, step_boundary=["\u2603\u2603\u2603"], max_step_tokens=3, max_steps=2,
+                                   max_rationale_tokens=2, seed=0, is_final=lambda s: False)
+    results = strategy.run(recording(parts), PROMPTS)
+    for result in results:
+        assert len(result.trace) == 2 and result.attempts == 1
+        for entry in result.trace:
+            assert entry["finish_reasons"] == ["length"] * 3 and entry["truncated"] is True
+            assert entry["chosen"] in entry["eligible"] and entry["scores"][entry["chosen"]] > float("-inf")
+        assert result.text == "".join(e["candidates"][e["chosen"]] for e in result.trace)
 
 
-def test_a_policy_that_produces_nothing_is_an_error(parts):
+def test_a_policy_that_produces_nothing_ends_that_problem_only(parts):
     model, tokenizer = parts
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     policy = recording(parts, logits_processor=[BoostToken(end_of_turn, math.inf)])
     strategy = RationaleStepSearch(2, step_boundary="chat", max_rationale_tokens=2, seed=0)
-    with pytest.raises(StrategyError, match="no usable step \\(2 empty"):
-        strategy.run(policy, [[{"role": "user", "content": "hi"}]])
+    (result,) = strategy.run(policy, [[{"role": "user", "content": "hi"}]])
+    (entry,) = result.trace
+    assert entry["finish"] == "no_step" and entry["chosen"] is None and entry["eligible"] == []
+    assert result.text == "" and result.completion.finish_reason == "length"
 
     class DropsCandidates(HFBackend):
         def sample(self, prompts, n=1, **kwargs):
@@ -315,3 +352,47 @@ def test_chat_boundary_needs_a_chat_template(parts):
     plain.chat_template = None
     with pytest.raises(StrategyError, match="chat template"):
         RationaleStepSearch(2, step_boundary="chat").run(HFBackend(model, plain), [PROMPTS[0]])
+
+
+def test_sampling_is_seeded_per_problem_and_step_not_per_batch(parts):
+    """A problem's candidates depend on (seed, problem, step) only: alone or in a batch, first or second."""
+    options = dict(mode="random", step_boundary=BOUNDARY, max_steps=2, max_step_tokens=12, seed=9,
+                   is_final=lambda s: False)
+    together = RationaleStepSearch(3, **options).run(recording(parts), PROMPTS)
+    alone = RationaleStepSearch(3, **options).run(recording(parts), [PROMPTS[1]])
+    swapped = RationaleStepSearch(3, **options).run(recording(parts), PROMPTS[::-1])
+    assert [e["candidates"] for e in alone[0].trace] == [e["candidates"] for e in together[1].trace]
+    assert [e["candidates"] for e in swapped[0].trace] == [e["candidates"] for e in together[1].trace]
+    assert alone[0].text == together[1].text == swapped[0].text
+    twice = RationaleStepSearch(3, **options).run(recording(parts), [PROMPTS[0], PROMPTS[0]])
+    assert twice[0].trace[0]["candidates"] != twice[1].trace[0]["candidates"]  # a repeat is a new draw
+
+
+def test_a_rendered_chat_prompt_is_not_wrapped_again(parts):
+    """Token ids of a chat-rendered prompt (the custom_generate path): the question is read back from the
+    template, so the rationale model and the scorer see it once, never a chat inside a chat."""
+    model, tokenizer = parts
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert last_user_message(tokenizer, rendered) == "What is 2+3?"
+    assert last_user_message(tokenizer, "Question: what is 2+3?\nAnswer:") is None
+    options = dict(step_boundary=BOUNDARY, max_steps=1, max_step_tokens=12, max_rationale_tokens=3, seed=2,
+                   is_final=lambda s: False)
+    by_text, by_messages = recording(parts), recording(parts)
+    (from_text,) = RationaleStepSearch(2, **options).run(by_text, [rendered])
+    (from_messages,) = RationaleStepSearch(2, **options).run(by_messages, [messages])
+    assert by_text.calls["greedy"][0][0] == by_messages.calls["greedy"][0][0]
+    (rationale_prompt,) = by_text.calls["greedy"][0][0]
+    assert rationale_prompt.count("<|im_start|>user") == 1 and "Question: What is 2+3?\nAnswer:" in rationale_prompt
+    assert [c for c, _ in by_text.calls["score"]] == [c for c, _ in by_messages.calls["score"]]
+    assert from_text.text == from_messages.text
+
+
+def test_reference_context_needs_a_scorer_chat_template(parts):
+    model, tokenizer = parts
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(StrategyError, match="scoring_context='inline'"):
+        RationaleStepSearch(2, step_boundary=BOUNDARY).run(HFBackend(model, plain), [PROMPTS[0]])
+    RationaleStepSearch(2, step_boundary=BOUNDARY, max_steps=1, max_step_tokens=4, max_rationale_tokens=2,
+                        scoring_context="inline").run(HFBackend(model, plain), [PROMPTS[0]])

@@ -66,6 +66,11 @@ class BeamSearch(StepStrategy):
     Needs a backend with ``encode`` and ``decode`` (token-exact partial solutions).
     """
 
+    @property
+    def max_attempts(self) -> int:
+        """The attempt budget (complete answers per problem, see ``strategies.budget``): ``width``."""
+        return self.width
+
     def __init__(self, width: int = 4, expansions: int = 4, *, scorer=None, check: Callable | None = None,
                  step_stop: str | list[str] | None = "\n\n", max_steps: int = 16, max_step_tokens: int = 128,
                  final_answer: Callable[[str], bool] | None = None, temperature: float = 0.7, top_p: float = 1.0,
@@ -161,6 +166,13 @@ class TokenBeamSearch(StepStrategy):
     first, are the attempts: with an oracle the first correct one is chosen (oracle pick), else the top
     beam. The trace head records ``{"width": W, "effective_width": W_used}``.
     """
+
+    temperature, top_p = 0.0, 1.0  # no sampling: deterministic beam search (what an eval run records)
+
+    @property
+    def max_attempts(self) -> int:
+        """The attempt budget (complete answers per problem, see ``strategies.budget``): ``width``."""
+        return self.width
 
     def __init__(self, width: int = 32, *, check: Callable | None = None, stop=None, length_penalty: float = 1.0,
                  **options):

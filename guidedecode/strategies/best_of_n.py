@@ -38,6 +38,11 @@ class BestOfN(StepStrategy):
     and the attempt count stops there; unsolved problems fall back to the selection's choice.
     """
 
+    @property
+    def max_attempts(self) -> int:
+        """The attempt budget (complete answers per problem, see ``strategies.budget``): ``n``."""
+        return self.n
+
     def __init__(self, n: int = 8, *, scorer=None, selection: str = "argmax",
                  extract: Callable[[str], str | None] | None = None, equivalence: str = "math_verify",
                  check=None, temperature: float = 0.7, top_p: float = 1.0, stop=None, seed: int | None = None,

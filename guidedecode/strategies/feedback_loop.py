@@ -10,7 +10,7 @@ A :class:`Verifier` says how attempts are judged:
   under an oracle are upper bounds, not deployable accuracy;
 * ``Verifier.reward_model(scorer)``: a scorer (``scorer(backend, prompt, completions, gold)``, e.g.
   :class:`~guidedecode.strategies.scorers.ValueModelScorer`) ranks the attempts of best-of-N or the beams
-  of beam search; nothing is judged;
+  of step-level beam search (``step_beam``); nothing is judged;
 * ``Verifier.none()``: nothing is judged (self-consistency's majority vote, revision without feedback).
 
 Every strategy shares the attempt accounting of :mod:`guidedecode.strategies.budget`, so one report format
@@ -26,16 +26,20 @@ from dataclasses import dataclass
 
 from guidedecode.errors import StrategyError
 from guidedecode.metrics import trial_index
-from guidedecode.strategies.beam_search import BeamSearch
+from guidedecode.strategies.beam_search import BeamSearch, TokenBeamSearch
 from guidedecode.strategies.best_of_n import BestOfN
 from guidedecode.strategies.revision import Revision
 from guidedecode.strategies.scorers import math_answer_check
 from guidedecode.strategies.self_consistency import SelfConsistency, math_extract
 from guidedecode.strategies.self_refine import SelfRefine
 
-STRATEGIES = ("best_of_n", "self_consistency", "beam", "revision", "self_refine", "optune", "fttt", "fttt+")
+# "beam" is the FTTT baseline: token-level beam search at T = 0 (TokenBeamSearch); "step_beam" is the
+# sampled step-level BeamSearch, the one a reward model can rank.
+STRATEGIES = ("best_of_n", "self_consistency", "beam", "step_beam", "revision", "self_refine", "optune", "fttt",
+              "fttt+")
 WEIGHT_UPDATE = ("optune", "fttt", "fttt+")  # test-time weight updates (strategies.weight_update; HF backends)
-RANKING = ("best_of_n", "beam")  # the strategies a reward model can drive
+RANKING = ("best_of_n", "step_beam")  # the strategies a reward model can drive
+_SAMPLING_OPTIONS = ("temperature", "top_p", "seed", "expansions", "step_stop", "max_steps", "max_step_tokens")
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,10 @@ class FeedbackLoop:
     (``temperature``, ``top_p``, ``max_new_tokens``, ``seed``, beam ``expansions`` / ``step_stop``, ...).
 
     ``budget`` is best-of-N's and self-consistency's ``n``, the beam width, and revision's and
-    self-refine's ``k``. ``extractor(text) -> answer | None`` and ``equivalence`` (``"math_verify"`` or
-    ``"exact"``) define the answers that are voted on and reported.
+    self-refine's ``k``. ``strategy="beam"`` is the FTTT beam-search baseline, transformers' token-level
+    beam search without sampling (:class:`TokenBeamSearch`, HF backends); ``"step_beam"`` is the
+    sampled step-level :class:`BeamSearch`. ``extractor(text) -> answer | None`` and ``equivalence``
+    (``"math_verify"`` or ``"exact"``) define the answers that are voted on and reported.
     """
 
     def __init__(self, backend, verifier: Verifier, budget: int = 32, *, strategy: str = "best_of_n",
@@ -91,6 +97,12 @@ class FeedbackLoop:
             self.strategy = SelfConsistency(budget, extract=self.extract, equivalence=equivalence, check=check,
                                             **options)
         elif strategy == "beam":
+            sampling = sorted(set(options) & set(_SAMPLING_OPTIONS))
+            if sampling:
+                raise StrategyError(f"strategy 'beam' is token-level beam search at temperature 0 (FTTT): it takes no "
+                                    f"{', '.join(sampling)}; use strategy='step_beam' for sampled step-level beams")
+            self.strategy = TokenBeamSearch(budget, check=check, **options)
+        elif strategy == "step_beam":
             self.strategy = BeamSearch(budget, options.pop("expansions", 4), scorer=verifier.scorer, check=check,
                                        **options)
         elif strategy == "revision":

@@ -37,6 +37,11 @@ class Revision(StepStrategy):
 
     takes_messages = True  # run() wants chat messages or question text, not rendered prompts
 
+    @property
+    def max_attempts(self) -> int:
+        """The attempt budget (complete answers per problem, see ``strategies.budget``): ``k``."""
+        return self.k
+
     def __init__(self, k: int = 32, *, check: Callable[[str, str], bool] | None = None, feedback: str = TRY_AGAIN,
                  temperature: float = 0.0, top_p: float = 1.0, stop=None, seed: int | None = None, **options):
         super().__init__(**options)

@@ -56,6 +56,11 @@ class SelfConsistency(StepStrategy):
     math-verify) declares equal; ``"exact"`` votes by exact (stripped) strings, as for code answers.
     """
 
+    @property
+    def max_attempts(self) -> int:
+        """The attempt budget (complete answers per problem, see ``strategies.budget``): ``n``."""
+        return self.n
+
     def __init__(self, n: int = 8, *, extract: Callable[[str], str | None] | None = None,
                  equivalent_many: Callable | None = None, equivalence: str = "math_verify",
                  check: Callable[[str, str], bool] | None = None, temperature: float = 0.7, top_p: float = 1.0,

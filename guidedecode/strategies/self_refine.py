@@ -35,6 +35,11 @@ class SelfRefine(StepStrategy):
 
     takes_messages = True  # run() wants chat messages or question text, not rendered prompts
 
+    @property
+    def max_attempts(self) -> int:
+        """The attempt budget (complete answers per problem, see ``strategies.budget``): ``k``."""
+        return self.k
+
     def __init__(self, k: int = 32, *, check: Callable[[str, str], bool] | None = None, critique: str = CRITIQUE,
                  temperature: float = 0.6, top_p: float = 0.95, stop=None, seed: int | None = None, **options):
         super().__init__(**options)
