@@ -113,8 +113,8 @@ def test_choice_is_the_argmax_of_brute_force_scores(parts, score_fn, gamma, cont
             else:  # each candidate its own assistant turn, without its boundary and surrounding whitespace
                 with_context = reference_context(tokenizer, trajectory + " " + block)
                 without_context = reference_context(tokenizer, trajectory)
-                scored = [t[:-1].strip() if t.endswith("e") else t.strip() for t in entry["candidates"]]
-            usable = [i for i, t in enumerate(scored) if t and entry["candidates"][i]]
+                scored = [(t[:-1] if t.endswith("e") else t).strip() or t for t in entry["candidates"]]
+            usable = [i for i, t in enumerate(entry["candidates"]) if t]
             finished = [i for i in usable if entry["finish_reasons"][i] != "length"]
             assert entry["eligible"] == (finished or usable) and entry["truncated"] == (not finished and bool(usable))
             expected = []
@@ -396,3 +396,16 @@ def test_reference_context_needs_a_scorer_chat_template(parts):
         RationaleStepSearch(2, step_boundary=BOUNDARY).run(HFBackend(model, plain), [PROMPTS[0]])
     RationaleStepSearch(2, step_boundary=BOUNDARY, max_steps=1, max_step_tokens=4, max_rationale_tokens=2,
                         scoring_context="inline").run(HFBackend(model, plain), [PROMPTS[0]])
+
+
+def test_reference_context_scores_a_step_as_turn_content():
+    """The boundary and surrounding whitespace are not part of an assistant turn's content; a step of only
+    whitespace (a blank line) stays scorable and choosable as sampled."""
+    from guidedecode.backends.base import Completion
+
+    search = RationaleStepSearch(2, step_boundary="\n")
+    step = lambda text: Completion(text=text, token_ids=[1], finish_reason="stop")  # noqa: E731
+    assert search._scored_text(step(" x = 1 + 2.\n")) == "x = 1 + 2."
+    assert search._scored_text(step("\n")) == "\n"
+    assert search._eligible([step("\n"), step("\n")]) == ([0, 1], False)
+    assert RationaleStepSearch(2, step_boundary="\n", scoring_context="inline")._scored_text(step(" a\n")) == " a\n"

@@ -358,7 +358,8 @@ class RationaleStepSearch(StepStrategy):
 
     def _scored_text(self, candidate: Completion) -> str:
         """The candidate as the scorer sees it: in the reference context, an assistant turn's content
-        (whitespace and the step boundary around it removed), else the text as sampled."""
+        (whitespace and the step boundary around it removed; a step of only whitespace as sampled),
+        else the text as sampled."""
         if self.scoring_context == "inline":
             return candidate.text
         text = candidate.text
@@ -366,12 +367,12 @@ class RationaleStepSearch(StepStrategy):
             if text.endswith(stop):
                 text = text[: -len(stop)]
                 break
-        return text.strip()
+        return text.strip() or candidate.text
 
     def _eligible(self, candidates: list[Completion]) -> tuple[list[int], bool]:
         """Indices of the candidates that can be chosen, and whether they are truncated steps: the
         non-empty ones that reached a boundary, else (as the reference does) the non-empty truncated ones."""
-        usable = [i for i, c in enumerate(candidates) if c.token_ids and c.text and self._scored_text(c)]
+        usable = [i for i, c in enumerate(candidates) if c.token_ids and c.text]
         finished = [i for i in usable if candidates[i].finish_reason != "length"]
         return (finished, False) if finished else (usable, bool(usable))
 
