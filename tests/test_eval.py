@@ -317,3 +317,20 @@ def test_rationalyst_eval_renders_the_chat_once_and_keeps_its_trace(tmp_path, ti
         assert 1 <= len(trace) <= 2 and all({"rationale", "candidates", "chosen", "scores"} <= set(e) for e in trace)
         assert record["attempts"] == [1] and record["budget"] == 1  # one complete answer, like every strategy
     assert summary["attempts_mean"] == 1
+
+
+def test_evidence_tables_plot_oracle_rows_under_oracle_names():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "evidence.py"
+    spec = importlib.util.spec_from_file_location("evidence_script", path)
+    evidence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evidence)
+    interval = {"mean": 0.5, "low": 0.3, "high": 0.7, "n": 20, "interval": "wilson"}
+    base = {"problems": 20, "samples": 1, "tokens_generated": 10, "tokens_per_second": 1.0}
+    oracle = evidence.table_row("bo8", {**base, "verifier": "oracle", "solved@1": interval, "solved@8": interval,
+                                        "trial_histogram": {"budget": 8}})
+    plain = evidence.table_row("greedy", {**base, "verifier": None, "accuracy": interval, "pass@1": interval})
+    assert "accuracy" not in oracle and evidence.headline(oracle) == ("solved@8", interval)
+    assert evidence.headline(plain) == ("accuracy", interval)
