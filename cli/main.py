@@ -14,11 +14,40 @@ from pathlib import Path
 
 import click
 
+from guidedecode import validation as v
 from guidedecode.cli.train import train
 from guidedecode.errors import GuidedecodeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-PARAM_HELP = "key=value parameter of the guide or strategy (repeatable), e.g. -p alpha=1.5 or -p n=4"
+PARAM_HELP = ("KEY=VALUE parameter of the chosen guide or strategy (repeatable), e.g. -p alpha=1.5 or -p n=4; "
+              "the keys each one takes are listed below")
+MODEL_HELP = "embedded model name, local HF directory or Hugging Face Hub model id"
+DEVICE_HELP = "torch device: cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)"
+DTYPE_HELP = "weights dtype (default: as stored; bf16 is the usual choice on a GPU)"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class RegistryHelp(click.Command):
+    """A command whose --help ends with the registry's guides and strategies and each one's -p keys."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from guidedecode.registry import describe
+
+        for kind, flag in (("guide", "--guide"), ("strategy", "--strategy")):
+            title = "Guides" if kind == "guide" else "Strategies"
+            with formatter.section(f"{title} ({flag} NAME; -p KEY=VALUE, shown with defaults)"):
+                formatter.write_dl(describe(kind))
+        super().format_epilog(ctx, formatter)
+
+
+def _device_and_dtype(device: str | None, dtype: str | None) -> dict:
+    """``load_model`` keyword arguments for --device / --dtype (default device: cuda when available)."""
+    import torch
+
+    options = {"device": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    if dtype:
+        options["dtype"] = getattr(torch, dtype)
+    return options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,31 +98,40 @@ def demo(model: str, max_new_tokens: int, seed: int) -> None:
                f"correct: {task.check(result.text, problem)}")
 
 
-@app.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="embedded model name or local HF directory")
+@app.command(cls=RegistryHelp)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--prompt", required=True, help="the user message (the chat template is applied)")
-@click.option("--guide", default=None, help="token guide name (presence-penalty)")
-@click.option("--strategy", default=None, help="step strategy name (best-of-n, self-consistency)")
+@click.option("--guide", default=None, help="token guide name (listed below)")
+@click.option("--strategy", default=None, help="step strategy name (listed below)")
 @click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
-@click.option("--max-new-tokens", default=128, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True, help="0 = greedy")
-@click.option("--seed", default=0, show_default=True)
-def generate(model, prompt, guide, strategy, params, max_new_tokens, temperature, seed) -> None:
+@click.option("--max-new-tokens", default=128, show_default=True, callback=v.click_check(v.positive_int),
+              help="token budget of the answer (a strategy's per-generation budget, unless -p max_new_tokens=)")
+@click.option("--temperature", default=0.7, show_default=True, callback=v.click_check(v.temperature, allow_zero=True),
+              help="0 = greedy")
+@click.option("--seed", default=0, show_default=True, callback=v.click_check(v.integer, minimum=0))
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
+def generate(model, prompt, guide, strategy, params, max_new_tokens, temperature, seed, device, dtype) -> None:
     """Generate one answer to PROMPT, optionally through a guide or a strategy."""
     from guidedecode import HFBackend, load_model
-    from guidedecode.registry import build_guide, build_strategy, parse_params
+    from guidedecode.registry import build_guide, build_strategy, check_params, parse_params
 
     if guide and strategy:
         raise GuidedecodeError("pass either --guide or --strategy, not both")
     if not prompt.strip():
-        raise GuidedecodeError("empty prompt")
+        raise GuidedecodeError("empty prompt: --prompt needs some text")
     parsed = parse_params(params)
-    lm, tokenizer = load_model(model)
-    processors = [build_guide(guide, tokenizer, parsed)] if guide else None
+    if guide or strategy:
+        check_params("guide" if guide else "strategy", guide or strategy, parsed)  # before the model loads
+    elif parsed:
+        raise GuidedecodeError(f"-p {' -p '.join(params)} given without a --guide or --strategy to take it")
+    lm, tokenizer = load_model(model, **_device_and_dtype(device, dtype))
+    context = {"model": lm, "max_new_tokens": max_new_tokens}
+    processors = [build_guide(guide, tokenizer, parsed, context=context)] if guide else None
     backend = HFBackend(lm, tokenizer, logits_processor=processors)
     rendered = backend.chat_prompt(prompt)
     if strategy:
-        chosen = build_strategy(strategy, tokenizer, parsed)
+        chosen = build_strategy(strategy, tokenizer, parsed, context=context)
         chosen.seed = seed
         click.echo(chosen.run(backend, [rendered])[0].text)
     elif temperature == 0:
@@ -103,30 +141,42 @@ def generate(model, prompt, guide, strategy, params, max_new_tokens, temperature
                                   seed=seed)[0][0].text)
 
 
-@app.command(name="eval")
+@app.command(name="eval", cls=RegistryHelp)
 @click.option("--task", required=True, help="gsm8k, math500, humaneval, mbpp, strategyqa, synthetic, ...")
 @click.option("--data", default=None, help="data file or directory (default: $GUIDEDECODE_DATA or ../shared/data)")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="embedded model name or local HF directory")
-@click.option("--guide", default=None, help="token guide name")
-@click.option("--strategy", default=None, help="step strategy name")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--guide", default=None, help="token guide name (listed below)")
+@click.option("--strategy", default=None, help="step strategy name (listed below)")
 @click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
-@click.option("-n", "--limit", type=int, default=None, help="evaluate the first N problems")
-@click.option("--samples", "-k", default=1, show_default=True, help="samples per problem (pass@k, maj@k)")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True, help="0 = greedy")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--max-new-tokens", default=256, show_default=True)
-@click.option("--batch-size", default=16, show_default=True, help="sequences per generate call")
+@click.option("-n", "--limit", type=int, default=None, callback=v.click_check(v.positive_int),
+              help="evaluate the first N problems of the task (not a strategy's budget: that is -p n=K)")
+@click.option("--samples", "-k", default=1, show_default=True, callback=v.click_check(v.positive_int),
+              help="independent samples per problem (pass@k, maj@k)")
+@click.option("--seed", default=0, show_default=True, callback=v.click_check(v.integer, minimum=0))
+@click.option("--temperature", default=0.7, show_default=True, callback=v.click_check(v.temperature, allow_zero=True),
+              help="0 = greedy")
+@click.option("--top-p", default=1.0, show_default=True, callback=v.click_check(v.probability),
+              help="nucleus mass in (0, 1]")
+@click.option("--max-new-tokens", default=256, show_default=True, callback=v.click_check(v.positive_int))
+@click.option("--batch-size", default=16, show_default=True, callback=v.click_check(v.positive_int),
+              help="sequences per generate call")
 @click.option("--split", default="test", show_default=True)
-@click.option("--level", type=int, default=None, help="difficulty level (synthetic task)")
-@click.option("--out", "out_dir", default=None, help="results directory (default runs/<task>-<model>-<method>)")
+@click.option("--level", type=int, default=None, callback=v.click_check(v.positive_int),
+              help="difficulty level (synthetic task)")
+@click.option("--out", "out_dir", default=None, callback=v.click_check(v.output_dir),
+              help="results directory (default runs/<task>-<model>-<method>)")
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def eval_command(task, data, model, guide, strategy, params, limit, samples, seed, temperature, top_p,
-                 max_new_tokens, batch_size, split, level, out_dir, quiet) -> None:
+                 max_new_tokens, batch_size, split, level, out_dir, device, dtype, quiet) -> None:
     """Evaluate a model (plain, guided or with a strategy) on a task; resumes an interrupted run.
 
     Writes results.jsonl (a line per problem) and summary.json (accuracy with 95% CI, pass@k,
     maj@k, tokens, tokens/s) into --out. Re-running the same command skips finished problems.
+
+    -n/--limit is how many problems are evaluated; a strategy's own budget (best-of-N's N, a
+    beam's width) is a -p parameter, e.g. -n 50 --strategy best-of-n -p n=8.
     """
     from guidedecode.evaluation import EvalConfig, run_eval
     from guidedecode.registry import parse_params
@@ -137,26 +187,49 @@ def eval_command(task, data, model, guide, strategy, params, limit, samples, see
                         task_options={"level": level} if level is not None else {})
     method = guide or strategy or "plain"
     out = out_dir or os.path.join("runs", f"{task}-{Path(model).name}-{method}-s{seed}")
-    summary = run_eval(config, out, progress=not quiet)
+    summary = run_eval(config, out, progress=not quiet, **_device_and_dtype(device, dtype))
     click.echo(json.dumps(summary, indent=2))
     click.echo(f"results in {out}", err=True)
 
 
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name")
-@click.option("--benchmarks-dir", default="benchmarks", show_default=True, help="where the bench_<name>.py scripts are")
-@click.pass_context
-def bench(ctx, name: str, benchmarks_dir: str) -> None:
-    """Run benchmarks/bench_NAME.py; extra arguments go to the script.
+def _benchmarks_dir(given: str | None) -> Path:
+    """--benchmarks-dir, else the repository's benchmarks/ (found from the package, so any cwd works),
+    else ./benchmarks."""
+    if given:
+        return Path(given)
+    from guidedecode.bench import REPO
 
-    Results (JSON with command, git sha, machine, versions; PNG plot) land in benchmarks/results/.
+    installed = REPO / "benchmarks"
+    return installed if installed.is_dir() else Path("benchmarks")
+
+
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("name", required=False)
+@click.option("--out", "out_dir", default=None,
+              help="results directory (default: $GUIDEDECODE_BENCH_RESULTS or ./bench-results); the committed "
+                   "results are rewritten only on purpose, with --out benchmarks/results")
+@click.option("--benchmarks-dir", default=None,
+              help="where the bench_<name>.py scripts are (default: the repository's benchmarks/)")
+@click.pass_context
+def bench(ctx, name: str | None, out_dir: str | None, benchmarks_dir: str | None) -> None:
+    """Run benchmark NAME (benchmarks/bench_NAME.py); other arguments go to the benchmark.
+
+    `guidedecode bench NAME --help` shows the benchmark's own options. Results (JSON with the
+    command, git sha, machine, versions; PNG plot) go to --out.
     """
-    directory = Path(benchmarks_dir)
+    directory = _benchmarks_dir(benchmarks_dir)
+    known = sorted(p.stem.removeprefix("bench_") for p in directory.glob("bench_*.py"))
+    if name is None or name in ("-h", "--help"):
+        click.echo(ctx.get_help())
+        click.echo(f"\nBenchmarks in {directory}: {', '.join(known) or 'none'}")
+        return
     script = directory / f"bench_{name}.py"
     if not script.is_file():
-        known = sorted(p.stem.removeprefix("bench_") for p in directory.glob("bench_*.py"))
         raise GuidedecodeError(f"unknown benchmark '{name}' (no {script}); known: {', '.join(known) or 'none'}")
-    env = dict(os.environ, GUIDEDECODE_BENCH_RESULTS=str((directory / "results").resolve()))
+    env = dict(os.environ)
+    if not {"-h", "--help"} & set(ctx.args):  # the benchmark's own help writes nothing
+        out = v.output_dir("--out", out_dir or os.environ.get("GUIDEDECODE_BENCH_RESULTS") or "bench-results")
+        env["GUIDEDECODE_BENCH_RESULTS"] = str(out.resolve())
     completed = subprocess.run([sys.executable, str(script), *ctx.args], env=env)
     sys.exit(completed.returncode)
 

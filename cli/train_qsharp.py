@@ -66,6 +66,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--save-every", default=0, show_default=True, help="checkpoint every N steps (0 = each epoch end)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="weights dtype of the policy and value model (default: as stored)")
 @click.option("--quiet", is_flag=True, help="no progress bars or log lines")
 def qsharp(task, level, out_dir, quiet, **options) -> None:
     """Train a Q♯ value model for guided decoding (paper arXiv 2502.20548, Algorithm 1).

@@ -27,3 +27,12 @@ class StrategyError(GuidedecodeError):
 
 class TrainingError(GuidedecodeError):
     """A training run got bad input: malformed or empty data, bad settings, a damaged checkpoint."""
+
+
+class ValidationError(GuidedecodeError):
+    """A setting or argument of the wrong type or out of range (raised by :mod:`guidedecode.validation`
+    when the caller names no more specific error type)."""
+
+
+class RecordsError(GuidedecodeError):
+    """A results or records file (JSONL) is damaged or incomplete; the message names the file and line."""

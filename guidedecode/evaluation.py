@@ -14,17 +14,18 @@ Each chunk's lines are appended and fsynced together; a torn last line is droppe
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from guidedecode.errors import GuidedecodeError
+from guidedecode import validation
+from guidedecode.errors import GuidedecodeError, ValidationError
 from guidedecode.metrics import majority_correct, mean_ci, pass_at_k, solved_at_ks, trial_histogram, trial_index
 from guidedecode.records import append_jsonl as _append_lines
-from guidedecode.records import read_jsonl as read_results
+from guidedecode.records import check_complete, read_json
+from guidedecode.records import read_jsonl as _read_jsonl
 from guidedecode.records import write_json as _atomic_write_json
 
 TIMING_FIELDS = ("seconds", "tokens_per_second")
@@ -53,30 +54,55 @@ class EvalConfig:
     task_options: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        from guidedecode.registry import GUIDES, STRATEGIES
+        """Check every setting (types and ranges) before anything is loaded or written."""
+        from guidedecode.registry import check_params
 
+        v, error = validation, ValidationError
+        v.string("task", self.task, error=error)
+        v.string("model", self.model, error=error)
+        v.optional(v.string, "data", self.data, error=error)
+        v.string("split", self.split, error=error)
+        v.optional(v.integer, "limit", self.limit, minimum=1, error=error)
+        v.positive_int("samples", self.samples, error=error)
+        v.integer("seed", self.seed, minimum=0, error=error)
+        v.temperature("temperature", self.temperature, allow_zero=True, error=error)
+        v.probability("top_p", self.top_p, error=error)
+        v.positive_int("max_new_tokens", self.max_new_tokens, error=error)
+        v.positive_int("batch_size", self.batch_size, error=error)
+        for name, value in (("params", self.params), ("task_options", self.task_options)):
+            if not isinstance(value, dict):
+                raise error(f"{name} must be a dict, got {type(value).__name__}")
+        if not all(isinstance(k, str) and isinstance(x, str) for k, x in self.params.items()):
+            raise error(f"params must map names to strings (as on the command line), got {self.params!r}")
         if self.guide and self.strategy:
-            raise GuidedecodeError("pass either a guide or a strategy, not both")
-        for kind, name, table in (("guide", self.guide, GUIDES), ("strategy", self.strategy, STRATEGIES)):
-            if name and name not in table:
-                raise GuidedecodeError(f"unknown {kind} '{name}': choose one of {', '.join(sorted(table))}")
-        if self.samples < 1:
-            raise GuidedecodeError(f"samples must be >= 1, got {self.samples}")
-        if self.temperature < 0:
-            raise GuidedecodeError(f"temperature must be >= 0, got {self.temperature}")
+            raise error("pass either a guide or a strategy, not both")
+        if self.guide:
+            check_params("guide", self.guide, self.params)
+        elif self.strategy:
+            check_params("strategy", self.strategy, self.params)
+        elif self.params:
+            raise error(f"parameters {sorted(self.params)} given without a guide or strategy to take them")
         if self.temperature == 0 and self.samples > 1 and not self.strategy:
-            raise GuidedecodeError("greedy decoding (temperature 0) gives identical samples: use --samples 1")
+            raise error("greedy decoding (temperature 0) gives identical samples: use --samples 1")
 
 
-def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, tokenizer=None, progress: bool = True) -> dict:
-    """Evaluate, appending to ``out_dir/results.jsonl`` and skipping problems already there."""
+def read_results(path) -> list[dict]:
+    """The records of a ``results.jsonl`` (tail repaired; a damaged line or a missing/repeated id is refused)."""
+    return _read_jsonl(path, key="id")
+
+
+def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, tokenizer=None, progress: bool = True,
+             device=None, dtype=None) -> dict:
+    """Evaluate, appending to ``out_dir/results.jsonl`` and skipping problems already there.
+
+    ``model``/``tokenizer``: already loaded objects; else ``load_model(config.model, device=, dtype=)``.
+    """
     from guidedecode.backends import HFBackend
     from guidedecode.registry import build_guide, build_strategy
     from guidedecode.tasks import get_task
 
     config.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = validation.output_dir("out_dir", out_dir)
     _check_or_write_config(out / "config.json", config)
     task = get_task(config.task, **config.task_options)
     problems = task.load(config.data, split=config.split, limit=config.limit)
@@ -85,7 +111,7 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
     if model is None or tokenizer is None:
         from guidedecode.models import load_model
 
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_model(config.model, device=device, dtype=dtype)
     # The run's sampling settings reach the guide (Q#'s KL accounting needs them) and the strategy; a
     # strategy that ends up with other ones is refused (check_strategy_settings), never recorded wrongly.
     context = {"model": model, "task": task, "max_new_tokens": config.max_new_tokens}
@@ -115,7 +141,11 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
         _append_lines(results_path, [r for r in records if r["id"] not in done])
         bar.update(len(todo))
     bar.close()
-    summary = summarize(read_results(results_path), [p.id for p in problems], config)
+    records = read_results(results_path)
+    check_complete(results_path, records, [p.id for p in problems])  # every problem exactly once
+    summary = summarize(records, [p.id for p in problems], config)
+    weights = next(model.parameters())  # what the numbers were computed with
+    summary.update(device=str(weights.device), dtype=str(weights.dtype).removeprefix("torch."))
     _atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -297,8 +327,11 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
 
 def _check_or_write_config(path: Path, config: EvalConfig) -> None:
     wanted = asdict(config)
-    if path.exists():
-        existing = json.loads(path.read_text())
+    # a directory without records (e.g. a run that failed before its first chunk) takes the new settings
+    if path.exists() and read_results(path.parent / "results.jsonl"):
+        existing = read_json(path, error=ValidationError)
+        if not isinstance(existing, dict):
+            raise ValidationError(f"{path} does not hold a settings object: use a new --out directory")
         changed = sorted(key for key in wanted if existing.get(key) != wanted[key])
         if changed:
             raise GuidedecodeError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from guidedecode.errors import GuidedecodeError
+from guidedecode.errors import GuidedecodeError, ValidationError
 
 
 def _presence_penalty(tokenizer, alpha: float = 1.0):
@@ -184,29 +184,71 @@ def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise GuidedecodeError(f"parameter '{item}' is not of the form key=value")
+            raise ValidationError(f"parameter '{item}' is not of the form key=value (e.g. -p n=4)")
         params[key.strip().replace("-", "_")] = value.strip()
     return params
 
 
-def _build(kind: str, table: dict, name: str, tokenizer, params: dict[str, str], context: dict):
+# Factory arguments the harness fills in from the run (``context``), never set with ``-p``.
+CONTEXT_ONLY = ("model",)
+_CONVERTERS = {"int": int, "float": float, "str": str}
+
+
+def _table(kind: str) -> dict:
+    return {"guide": GUIDES, "strategy": STRATEGIES}[kind]
+
+
+def parameters(kind: str, name: str) -> dict[str, inspect.Parameter]:
+    """The ``-p`` parameters of guide/strategy ``name``: its factory's keyword arguments (with defaults)."""
+    table = _table(kind)
     if name not in table:
-        raise GuidedecodeError(f"unknown {kind} '{name}': choose one of {', '.join(sorted(table))}")
-    factory = table[name]
-    signature = inspect.signature(factory)
-    accepted = [p for p in signature.parameters if p != "tokenizer"]
+        raise ValidationError(f"unknown {kind} '{name}': choose one of {', '.join(sorted(table))}")
+    signature = inspect.signature(table[name])
+    return {key: p for key, p in signature.parameters.items() if key != "tokenizer" and key not in CONTEXT_ONLY}
+
+
+def describe(kind: str) -> list[tuple[str, str]]:
+    """``(name, "key=default key=default ...")`` for every registered guide or strategy, sorted."""
+    rows = []
+    for name in sorted(_table(kind)):
+        shown = [f"{key}={_default_text(p.default)}" for key, p in parameters(kind, name).items()]
+        rows.append((name, " ".join(shown) or "(no parameters)"))
+    return rows
+
+
+def _default_text(value) -> str:
+    if value is inspect.Parameter.empty:
+        return "REQUIRED"
+    if isinstance(value, str):  # as typed on the command line: a newline shows as \n, empty as ''
+        text = value if "\\" in value else value.encode("unicode_escape").decode()
+        return text if text and " " not in text else repr(text)
+    return str(value)
+
+
+def check_params(kind: str, name: str, params: dict[str, str]) -> dict:
+    """Convert ``-p`` strings by the factory's annotations; an unknown name or key, or a value that does
+    not convert, is a :class:`ValidationError` naming it."""
+    accepted = parameters(kind, name)
     kwargs = {}
     for key, raw in params.items():
-        if key not in signature.parameters or key == "tokenizer":
-            raise GuidedecodeError(f"{kind} '{name}' has no parameter '{key}' (it takes: {', '.join(accepted)})")
-        annotation = signature.parameters[key].annotation
-        convert = {"int": int, "float": float, "str": str}.get(annotation if isinstance(annotation, str)
-                                                               else getattr(annotation, "__name__", "str"), str)
+        if key not in accepted:
+            raise ValidationError(f"{kind} '{name}' has no parameter '{key}' (it takes: {', '.join(accepted)}; "
+                                  f"see guidedecode eval --help)")
+        annotation = accepted[key].annotation
+        convert = _CONVERTERS.get(annotation if isinstance(annotation, str)
+                                  else getattr(annotation, "__name__", "str"), str)
         try:
             kwargs[key] = convert(raw)
-        except ValueError:
-            raise GuidedecodeError(f"{kind} '{name}': parameter {key}={raw!r} is not a valid {convert.__name__}") from None
+        except (TypeError, ValueError):
+            raise ValidationError(f"{kind} '{name}': parameter {key}={raw!r} is not a valid {convert.__name__}") \
+                from None
+    return kwargs
+
+
+def _build(kind: str, table: dict, name: str, tokenizer, params: dict[str, str], context: dict):
+    kwargs = check_params(kind, name, params)
+    signature = inspect.signature(table[name])
     for key, value in context.items():
         if key in signature.parameters and key not in kwargs:
             kwargs[key] = value
-    return factory(tokenizer, **kwargs)
+    return table[name](tokenizer, **kwargs)

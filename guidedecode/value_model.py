@@ -184,7 +184,8 @@ class ValueModel(torch.nn.Module):
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def from_backbone(cls, model, *, head: str = "v", loss: str = "bce", num_atoms: int | None = None,
-                      init: str = "zero", tokenizer=None, num_layers: int | None = None) -> "ValueModel":
+                      init: str = "zero", tokenizer=None, num_layers: int | None = None,
+                      generator: torch.Generator | None = None) -> "ValueModel":
         """A value model on a *copy* of ``model``'s base model (the reference model is never shared).
 
         ``model``: an HF causal LM (its base model is used; its ``lm_head`` seeds a Q head with
@@ -194,6 +195,8 @@ class ValueModel(torch.nn.Module):
         ``tokenizer`` records its fingerprint for :meth:`check_tokenizer`. ``num_layers`` keeps only the
         first that many decoder layers (then the final norm): a smaller, cheaper value model that shares
         the reference's embeddings and tokenizer (Q♯ guides a large model with a small one).
+        ``generator``: the (CPU) random generator of ``init="normal"``; pass a seeded one for a head that
+        does not depend on the global random state (the trainer does, so a resumed run is identical).
         """
         if isinstance(model, (str, os.PathLike)):
             from guidedecode.models import load_model
@@ -226,7 +229,8 @@ class ValueModel(torch.nn.Module):
             if init == "zero":
                 vm.head.weight.zero_()
             elif init == "normal":
-                vm.head.weight.normal_(0.0, 0.02)
+                draw = torch.randn(vm.head.weight.shape, generator=generator, dtype=torch.float32) * 0.02
+                vm.head.weight.copy_(draw)
             else:
                 source = lm_head.weight
                 if source.shape != (config.vocab_size, vm.head.in_features):
@@ -290,10 +294,12 @@ class ValueModel(torch.nn.Module):
         model_type = backbone_config.pop("model_type", None)
         if not model_type:
             raise ModelLoadError(f"value model checkpoint {directory}: backbone_config has no model_type")
-        try:
+        try:  # transformers' config validators raise their own error types (e.g. a hidden size of the wrong shape)
             hf_config = AutoConfig.for_model(model_type, **backbone_config)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"value model checkpoint {directory}: bad backbone_config ({exc})") from exc
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise ModelLoadError(f"value model checkpoint {directory}: bad backbone_config in {config_path} "
+                                 f"({type(exc).__name__}: {reason})") from exc
         try:
             with safe_open(str(weights_path), framework="pt") as handle:
                 stored = handle.get_slice("head.weight").get_dtype()
@@ -306,8 +312,9 @@ class ValueModel(torch.nn.Module):
         try:
             load_model(vm, str(weights_path), strict=True)
         except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:300]
             raise ModelLoadError(f"value model checkpoint {directory}: weights do not match the config "
-                                 f"({exc})") from exc
+                                 f"({reason})") from exc
         if dtype is not None or device is not None:
             vm = vm.to(device=device, dtype=dtype)
         return vm.eval()

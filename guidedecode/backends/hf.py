@@ -21,6 +21,7 @@ from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 
 from guidedecode.backends.base import BackendStats, Completion, ContinuationScore, Prompt
 from guidedecode.backends.text import TokenizerPrompts, stop_list as _stop_list
+from guidedecode import validation
 from guidedecode.errors import StrategyError
 from guidedecode.kernels.logprobs import linear_target_logprobs, target_logprobs
 
@@ -52,10 +53,11 @@ class HFBackend(TokenizerPrompts):
 
     # ----------------------------------------------------------- sampling
     def sample(self, prompts, n=1, *, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop=None, seed=None):
-        if n < 1:
-            raise StrategyError(f"n must be >= 1, got {n}")
-        if temperature <= 0:
-            raise StrategyError(f"temperature must be > 0 for sampling (use greedy()), got {temperature}")
+        n = validation.positive_int("n", n, error=StrategyError)
+        temperature = validation.temperature("temperature", temperature, error=StrategyError)  # 0: use greedy()
+        top_p = validation.probability("top_p", top_p, error=StrategyError)
+        top_k = validation.integer("top_k", top_k, minimum=0, error=StrategyError)
+        validation.optional(validation.integer, "seed", seed, minimum=0, error=StrategyError)
         if seed is not None:
             torch.manual_seed(seed)
         options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -66,6 +68,8 @@ class HFBackend(TokenizerPrompts):
         return [row[0] for row in results]
 
     def _generate(self, prompts, n, *, max_new_tokens, stop, options) -> list[list[Completion]]:
+        prompts = validation.prompts("prompts", prompts, error=StrategyError)  # a bare string is not a list
+        max_new_tokens = validation.positive_int("max_new_tokens", max_new_tokens, error=StrategyError)
         stops = _stop_list(stop)
         encoded = [self.encode(p) for p in prompts]
         per_call = max(1, self.batch_size // n)

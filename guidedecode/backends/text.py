@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from guidedecode.backends.base import Completion, Prompt
+from guidedecode import validation
 from guidedecode.errors import StrategyError
 
 
@@ -35,8 +36,8 @@ class TokenizerPrompts:
         """Token ids of a prompt: text is tokenised as is (no BOS/EOS added), ids pass through."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        else:
-            ids = [int(t) for t in prompt]
+        else:  # ids must index the tokenizer's vocabulary (a negative id would wrap around silently)
+            ids = validation.token_ids("prompt", prompt, len(self.tokenizer), error=StrategyError)
         if not ids:
             raise StrategyError("empty prompt: every prompt needs at least one token")
         return ids
@@ -63,7 +64,7 @@ class TokenizerPrompts:
         prefix_ids = self.encode(prefix)
         continuation_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] if isinstance(
             continuation, str
-        ) else [int(t) for t in continuation]
+        ) else validation.token_ids("continuation", continuation, len(self.tokenizer), error=StrategyError)
         return prefix_ids + continuation_ids, len(prefix_ids)
 
     def _completion(self, token_ids: list[int], stops: list[str], max_new_tokens: int) -> Completion:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from guidedecode import validation
 from guidedecode.errors import GuideError
 from guidedecode.guides.base import TokenGuide
 
@@ -54,10 +55,9 @@ class PresencePenalty(TokenGuide):
     """Subtract ``alpha`` from the score of every token the row has already generated."""
 
     def __init__(self, alpha: float, **special_tokens):
-        if not alpha >= 0:
-            raise GuideError(f"presence penalty alpha must be >= 0, got {alpha}")
+        alpha = validation.number("presence penalty alpha", alpha, minimum=0, error=GuideError)
         super().__init__(**special_tokens)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.vocab_size: int | None = None
 
     def init_state(self, prompt_ids, prompt_mask):

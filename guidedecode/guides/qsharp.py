@@ -183,12 +183,15 @@ class QSharpGuide(TokenGuide):
     def _check_eta(eta) -> torch.Tensor | float:
         if isinstance(eta, (int, float)) and not isinstance(eta, bool):
             values = torch.tensor([float(eta)])
-        elif isinstance(eta, (torch.Tensor, Sequence)):
-            values = torch.as_tensor(eta, dtype=torch.float32).reshape(-1)
+        elif isinstance(eta, (torch.Tensor, Sequence)) and not isinstance(eta, (str, bytes)):
+            try:
+                values = torch.as_tensor(eta, dtype=torch.float32).reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise GuideError(f"eta must be a number or one number per row, got {eta!r}") from None
             if values.numel() == 0:
                 raise GuideError("eta is an empty sequence: give a number or one value per row")
         else:
-            raise GuideError(f"eta must be a number or one number per row, got {type(eta).__name__}")
+            raise GuideError(f"eta must be a number or one number per row, got {eta!r} ({type(eta).__name__})")
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
             raise GuideError(f"eta (= 1/eta_paper) must be finite and >= 0, got {values.tolist()}")
         return float(values[0]) if isinstance(eta, (int, float)) else values.float()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from guidedecode import validation
 from guidedecode.errors import TaskError
 from guidedecode.tasks.checker import MathChecker, default_checker
 from guidedecode.tasks.extract import extract_answer
@@ -84,8 +85,7 @@ class Task:
     ) -> list[Problem]:
         """Problems of ``split`` from the default data dir, or from ``path`` (a file, or a directory
         in the data-dir layout or holding the split's file); the first ``limit`` when given."""
-        if limit is not None and limit < 0:
-            raise TaskError(f"{self.name}: limit must be >= 0, got {limit}")
+        validation.optional(validation.integer, f"{self.name}: limit", limit, minimum=0, error=TaskError)
         file = self.resolve(path, split)
         problems = []
         for index, row in enumerate(read_rows(file)):
@@ -168,9 +168,18 @@ class MathTask(Task):
 
 
 def check_lengths(name: str, completions: Sequence, problems: Sequence) -> None:
-    """Raise TaskError unless there is one completion per problem."""
+    """Raise TaskError unless there is one completion (a string) per problem."""
+    if isinstance(completions, str):
+        raise TaskError(f"{name}: completions must be a list of strings, got one string")
     if len(completions) != len(problems):
         raise TaskError(f"{name}: {len(completions)} completions for {len(problems)} problems")
+    for index, completion in enumerate(completions):
+        if not isinstance(completion, str):
+            raise TaskError(f"{name}: completion {index} must be a string, got {completion!r:.40} "
+                            f"({type(completion).__name__})")
+    for index, problem in enumerate(problems):
+        if not isinstance(problem, Problem):
+            raise TaskError(f"{name}: problem {index} must be a Problem, got {type(problem).__name__}")
 
 
 _REGISTRY: dict[str, type[Task]] = {}

@@ -38,6 +38,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from guidedecode import validation
 from guidedecode.errors import TaskError
 from guidedecode.tasks.base import MathTask, Problem, register_task
 from guidedecode.tasks.checker import MathChecker
@@ -77,10 +78,12 @@ class LevelSpec:
     kinds: tuple[str, ...]
 
 
+MAX_LEVEL = 20  # numbers up to 10 * 2**19 and 20 events: far past what any model here solves
+
+
 def level_spec(level: int) -> LevelSpec:
-    """The knobs for ``level`` >= 1 (table in the module docstring)."""
-    if level < 1:
-        raise TaskError(f"synthetic: level must be >= 1, got {level}")
+    """The knobs for ``level`` in 1 .. MAX_LEVEL (table in the module docstring)."""
+    validation.integer("synthetic: level", level, minimum=1, maximum=MAX_LEVEL, error=TaskError)
     kinds = tuple(kind for first, group in _KINDS_BY_LEVEL if level >= first for kind in group)
     return LevelSpec(steps=level, max_number=10 * 2 ** (level - 1), kinds=kinds)
 
@@ -214,8 +217,8 @@ class SyntheticArithmetic(MathTask):
 
     def __init__(self, level: int = 1, seed: int = 0, *, shots: int = 1, checker: MathChecker | None = None):
         super().__init__(checker=checker)
-        if shots < 0:
-            raise TaskError(f"synthetic: shots must be >= 0, got {shots}")
+        validation.integer("synthetic: shots", shots, minimum=0, error=TaskError)
+        validation.integer("synthetic: seed", seed, minimum=0, error=TaskError)
         self.spec = level_spec(level)
         self.level = level
         self.seed = seed
@@ -237,8 +240,7 @@ class SyntheticArithmetic(MathTask):
             raise TaskError("synthetic: problems are generated, not read; pass no path")
         if split not in self.files:
             raise TaskError(f"synthetic: unknown split {split!r}; known splits: {', '.join(self.files)}")
-        if limit is not None and limit < 0:
-            raise TaskError(f"synthetic: limit must be >= 0, got {limit}")
+        validation.optional(validation.integer, "synthetic: limit", limit, minimum=0, error=TaskError)
         count = self.default_size if limit is None else limit
         return [generate_problem(self.seed, self.level, i, split) for i in range(count)]
 

@@ -46,7 +46,6 @@ Output directory (every file written atomically; re-running the same command res
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -58,8 +57,10 @@ from typing import Any
 
 import torch
 
+from guidedecode import validation as v
 from guidedecode.errors import GuideError, TrainingError
-from guidedecode.records import append_jsonl, read_jsonl, write_json
+from guidedecode.records import append_jsonl, check_complete, read_json, write_json
+from guidedecode.records import read_jsonl as _read_jsonl
 
 HEADS = ("v", "q")
 LOSSES = ("bce", "mse", "mle")
@@ -111,8 +112,27 @@ class QSharpTrainConfig:
     save_every: int = 0
     seed: int = 0
     device: str | None = None
+    dtype: str | None = None  # weights dtype of the policy and value model (float32, bfloat16, float16)
 
     def validate(self) -> None:
+        error = TrainingError
+        for name in ("model", "task", "split"):
+            v.string(name, getattr(self, name), error=error)
+        for name in ("value_backbone", "data", "device", "dtype"):
+            v.optional(v.string, name, getattr(self, name), error=error)
+        for name in ("rounds", "samples", "max_new_tokens", "epochs", "batch_size", "gen_batch_size"):
+            v.positive_int(name, getattr(self, name), error=error)
+        for name in ("problems", "value_layers", "train_layers", "num_atoms"):
+            v.optional(v.integer, name, getattr(self, name), error=error)
+        v.integer("guide_top_k", self.guide_top_k, error=error)
+        v.integer("save_every", self.save_every, error=error)
+        v.integer("seed", self.seed, minimum=0, error=error)
+        v.temperature("temperature", self.temperature, error=error)
+        v.probability("top_p", self.top_p, error=error)
+        for name in ("roll_in_eta", "lr", "weight_decay", "grad_clip", "held_out"):
+            v.number(name, getattr(self, name), error=error)
+        if not isinstance(self.task_options, dict):
+            raise error(f"task_options must be a dict, got {type(self.task_options).__name__}")
         if self.head not in HEADS:
             raise TrainingError(f"unknown head {self.head!r}: choose one of {', '.join(HEADS)}")
         if self.loss not in LOSSES:
@@ -153,6 +173,11 @@ class QSharpTrainConfig:
             raise TrainingError(f"num_atoms={self.num_atoms} needs loss 'mle' (bce/mse heads have one output)")
         if self.num_atoms == 1 and self.loss == "mle":
             raise TrainingError("loss 'mle' needs num_atoms >= 2")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a collected ``data.jsonl`` (one per problem id; tail repaired, damage refused)."""
+    return _read_jsonl(path, key="id", error=TrainingError)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -327,7 +352,9 @@ def collect(policy: Policy, task, problems: Sequence, path: Path, *, round_index
                 on_chunk(index)
     finally:
         bar.close()
-    return read_jsonl(path)
+    records = read_jsonl(path)
+    check_complete(path, records, [p.id for p in problems], error=TrainingError)  # every problem exactly once
+    return records
 
 
 # ---------------------------------------------------------------------------- combine and split
@@ -551,6 +578,10 @@ def train(value_model, examples: Sequence[Example], directory: Path, *, config: 
         except (ValueError, KeyError) as error:
             raise TrainingError(f"checkpoint {saved['path']} does not match this model's optimizer: {error}") from error
         state = {key: saved.get(key, state[key]) for key in state}
+        if isinstance(saved.get("rng"), torch.Tensor):
+            torch.set_rng_state(saved["rng"])  # dropout draws continue where the checkpoint left them
+    else:
+        torch.manual_seed(derive_seed(config.seed, round_index, "train"))
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total = steps_per_epoch * config.epochs
     bar = _bar(total, state["global_step"], progress, f"train round {round_index}", "step")
@@ -603,7 +634,7 @@ def save_checkpoint(checkpoint: Path, value_model, optimizer, state: dict) -> No
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir(parents=True)
     value_model.save_pretrained(fresh / "model")
-    payload = {"optimizer": optimizer.state_dict(), **{k: v for k, v in state.items()}}
+    payload = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **dict(state)}
     _atomic_torch_save(payload, fresh / "trainer.pt")
     _fsync_dir(fresh)
     if checkpoint.exists():
@@ -642,13 +673,12 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
 
     Returns the content of ``out_dir/metrics.json``.
     """
-    from guidedecode.models import load_model
+    from guidedecode.models import load_model, resolve_device
     from guidedecode.tasks import get_task
 
     config.validate()
     say = log or (lambda message: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = v.output_dir("out_dir", out_dir, error=TrainingError)
     _check_or_write_config(out / "config.json", config)
     task = get_task(config.task, **config.task_options)
     problems = task.load(config.data, split=config.split, limit=config.problems)
@@ -658,8 +688,8 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
     if len(set(ids)) != len(ids):
         raise TrainingError(f"task '{config.task}' has duplicate problem ids")
     train_ids, held_ids = split_problems(ids, config.held_out, config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_model(config.model, device=device)
+    device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
     policy = Policy.from_model(model, tokenizer)
     say(f"{len(problems)} problems: {len(train_ids)} train, {len(held_ids)} held out; eos ids {policy.eos_token_ids}")
 
@@ -670,7 +700,7 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
         directory.mkdir(exist_ok=True)
         metrics_path = directory / "metrics.json"
         if metrics_path.exists() and (directory / "model").is_dir():
-            summaries.append(json.loads(metrics_path.read_text()))
+            summaries.append(read_json(metrics_path, error=TrainingError))
             previous_model = directory / "model"
             say(f"round {round_index}: already finished")
             continue
@@ -696,7 +726,7 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
         kept_rate = sum(e.label for e in kept) / len(kept)
         say(f"round {round_index}: {len(kept)} training examples ({len(train_split) - len(kept)} dropped for no "
             f"variation), {len(held_split)} held out; train base rate {split_rate:.3f}")
-        value_model = _initial_value_model(config, previous_model, device, model, tokenizer)
+        value_model = _initial_value_model(config, previous_model, device, model, tokenizer, round_index)
         fit = train(value_model, kept, directory, config=config, round_index=round_index,
                     pad_token_id=policy.pad_token_id, progress=progress, on_step=on_step)
         _save_model_atomically(value_model, directory / "model")
@@ -728,8 +758,12 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
     return result
 
 
-def _initial_value_model(config: QSharpTrainConfig, previous_model: Path | None, device, reference, tokenizer):
+def _initial_value_model(config: QSharpTrainConfig, previous_model: Path | None, device, reference, tokenizer,
+                         round_index: int = 1):
     """A fresh value model on the backbone, or (``warm_start``) the previous round's.
+
+    ``init="normal"`` draws the head from a generator seeded by (seed, round), never from the global
+    random state, so a run resumed after collection starts from the same head.
 
     ``ValueModel.from_backbone`` copies the base model, so the reference model itself can serve as
     the backbone when ``value_backbone`` is not set (its weights are never trained).
@@ -742,11 +776,13 @@ def _initial_value_model(config: QSharpTrainConfig, previous_model: Path | None,
     if config.value_backbone in (None, config.model):
         backbone, backbone_tokenizer = reference, tokenizer
     else:
-        backbone, backbone_tokenizer = load_model(config.value_backbone, device=device)
+        backbone, backbone_tokenizer = load_model(config.value_backbone, device=device, dtype=config.dtype)
     try:
         value_model = ValueModel.from_backbone(backbone, head=config.head, loss=config.loss,
                                                num_atoms=config.num_atoms, init=config.init,
-                                               tokenizer=backbone_tokenizer, num_layers=config.value_layers)
+                                               tokenizer=backbone_tokenizer, num_layers=config.value_layers,
+                                               generator=torch.Generator().manual_seed(
+                                                   derive_seed(config.seed, round_index, "init")))
     except GuideError as exc:
         raise TrainingError(f"value model: {exc}") from exc
     value_model.check_tokenizer(tokenizer)
@@ -800,11 +836,11 @@ def _fsync_dir(directory: Path) -> None:
 
 def _check_or_write_config(path: Path, config: QSharpTrainConfig) -> None:
     wanted = asdict(config)
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text())
-        except ValueError as error:
-            raise TrainingError(f"{path} is not valid JSON ({error}); use a new --out directory") from error
+    # a directory without collected data (e.g. a run that failed before collecting) takes the new settings
+    if path.exists() and any(_read_jsonl(p, error=TrainingError) for p in path.parent.glob("round-*/data.jsonl")):
+        existing = read_json(path, error=TrainingError)
+        if not isinstance(existing, dict):
+            raise TrainingError(f"{path} does not hold a settings object: use a new --out directory")
         changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and existing.get(k) != wanted[k])
         if changed:
             raise TrainingError(f"{path.parent} holds a run with different settings ({', '.join(changed)}): "

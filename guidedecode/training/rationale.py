@@ -59,6 +59,8 @@ from typing import Any
 import torch
 
 from guidedecode.errors import TrainingError
+from guidedecode.records import atomic_write_text, check_complete, write_jsonl
+from guidedecode.records import read_jsonl as _read_records
 
 BOT, EOT = "<BOT>", "<EOT>"
 GAMMA = 0.9
@@ -78,44 +80,14 @@ _SPAN = re.compile(re.escape(BOT) + "(.*?)" + re.escape(EOT), re.DOTALL)
 # Files: atomic writes, JSONL, metrics
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a line that is not a JSON object is an error naming the line."""
+def read_jsonl(path: Path, *, key: str | None = None) -> list[dict]:
+    """Rows of a JSONL file (input data or a stage's file, read as is: stage files are written whole and
+    atomically); a line that is not a JSON object, or lacks ``key`` or repeats it, is an error naming
+    the file and line."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingError(f"{path} line {number} is not valid JSON: {exc.msg}") from exc
-            if not isinstance(row, dict):
-                raise TrainingError(f"{path} line {number} is not a JSON object")
-            rows.append(row)
-    return rows
+    return _read_records(path, key=key, repair=False, error=TrainingError)
 
 
 def update_metrics(out: Path, stage: str, values: dict) -> None:
@@ -240,7 +212,7 @@ def extract(
     if max_new_tokens < 1 or batch_size < 1:
         raise TrainingError("--max-new-tokens and --batch-size must be >= 1")
     path = Path(path)
-    done = {row["id"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    done = {row["id"]: row for row in read_jsonl(path, key="id")} if path.is_file() else {}
     if any(row.get("mode", "rewrite") != "rewrite" for row in done.values()):
         raise TrainingError(f"{path} holds rows of another extraction mode: use a new --out")
     todo = [d for d in documents if d["id"] not in done]
@@ -253,6 +225,7 @@ def extract(
         write_jsonl(path, done.values())
         bar.update(len(chunk))
     bar.close()
+    check_complete(path, done.values(), [d["id"] for d in documents], error=TrainingError)
     wanted = [done[d["id"]] for d in documents]
     return {
         "documents": len(wanted),
@@ -404,7 +377,7 @@ def extract_insert(
     if max_rationales is not None and max_rationales < 0:
         raise TrainingError(f"--max-rationales must be >= 0 (0: every boundary), got {max_rationales}")
     path = Path(path)
-    done = {row["id"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    done = {row["id"]: row for row in read_jsonl(path, key="id")} if path.is_file() else {}
     other = [i for i, row in done.items() if row.get("mode") != "insert"]
     if other:
         raise TrainingError(f"{path} holds rows of another extraction mode (e.g. {other[0]}): use a new --out")
@@ -435,6 +408,7 @@ def extract_insert(
         write_jsonl(path, done.values())
         bar.update(len(chunk))
     bar.close()
+    check_complete(path, done.values(), [d["id"] for d in documents], error=TrainingError)
     wanted = [done[d["id"]] for d in documents]
     insertions = [i for row in wanted for i in row["insertions"]]
     outcomes = Counter(i["outcome"] for i in insertions)
@@ -631,7 +605,7 @@ def score_records(
     from tqdm.auto import tqdm
 
     path = Path(path)
-    done = {row["id"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    done = {row["id"]: row for row in read_jsonl(path, key="id")} if path.is_file() else {}
     todo = [r for r in records if r["id"] not in done]
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="filter", disable=not progress)
     for i, record in enumerate(todo, 1):
@@ -640,6 +614,7 @@ def score_records(
             write_jsonl(path, done.values())
         bar.update(1)
     bar.close()
+    check_complete(path, done.values(), [r["id"] for r in records], error=TrainingError)
     return [done[r["id"]] for r in records]
 
 
