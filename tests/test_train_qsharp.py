@@ -198,6 +198,17 @@ def test_roc_auc_matches_pair_counting():
     assert roc_auc([0.9, 0.1], [1.0, 0.0]) == 1.0
 
 
+def test_roc_auc_comes_from_sklearn(monkeypatch):
+    # issue 8 item 19: the well-kept implementation, not a hand-written rank sum
+    import sklearn.metrics
+
+    calls = []
+    real = sklearn.metrics.roc_auc_score
+    monkeypatch.setattr(sklearn.metrics, "roc_auc_score", lambda y, s, **kw: calls.append(list(y)) or real(y, s, **kw))
+    assert roc_auc([0.2, 0.8, 0.8, 0.1], [0.0, 1.0, 0.0, 1.0]) == pytest.approx(0.375)
+    assert calls == [[0, 1, 0, 1]]
+
+
 def test_drop_no_variation_only_drops_all_equal_training_groups():
     def ex(pid, rnd, label):
         return Example(pid, rnd, (1, 2), 1, label)

@@ -74,6 +74,30 @@ def test_edit_distance_matches_recursive_definition():
         assert edit_distance(a, b) == brute_levenshtein(a, b), (a, b)
 
 
+def test_edit_distance_and_schedule_come_from_the_libraries(monkeypatch):
+    # issue 8 item 19: rapidfuzz's Levenshtein and transformers' cosine warm-up, not hand-written copies
+    from rapidfuzz.distance import Levenshtein
+    from transformers import get_cosine_schedule_with_warmup
+
+    calls = []
+    real = Levenshtein.distance
+    monkeypatch.setattr(Levenshtein, "distance", lambda a, b, **kw: calls.append((a, b)) or real(a, b, **kw))
+    assert edit_distance("kitten", "sitting") == 3 and calls == [("kitten", "sitting")]
+    monkeypatch.undo()
+
+    total = 200  # 3% warm-up: 6 steps
+    param = torch.nn.Parameter(torch.zeros(1))
+    ours = R.lr_scheduler(torch.optim.SGD([param], lr=1.0), total)
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(reference_optimizer, num_warmup_steps=6, num_training_steps=total)
+    for _ in range(total):
+        assert ours.get_last_lr() == pytest.approx(reference.get_last_lr(), abs=1e-12)
+        ours.optimizer.step()
+        ours.step()
+        reference_optimizer.step()
+        reference.step()
+
+
 def doc(text, output, id_="d0"):
     return {"id": id_, "source": "gsm8k", "text": text, "output": output}
 

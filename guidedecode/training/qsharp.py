@@ -483,21 +483,13 @@ def binary_cross_entropy(p: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) ->
 
 def roc_auc(scores: Sequence[float], labels: Sequence[float]) -> float | None:
     """ROC-AUC = P(score of a random positive > score of a random negative), ties count 1/2
-    (Mann-Whitney U with average ranks); None when only one class is present."""
-    pairs = sorted(zip(scores, labels), key=lambda pair: pair[0])
-    positives = sum(1 for _, y in pairs if y >= 0.5)
-    negatives = len(pairs) - positives
-    if positives == 0 or negatives == 0:
+    (``sklearn.metrics.roc_auc_score``; a label >= 0.5 is positive); None when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    binary = [1 if y >= 0.5 else 0 for y in labels]
+    if len(set(binary)) < 2:
         return None
-    rank_sum, i = 0.0, 0
-    while i < len(pairs):
-        j = i
-        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
-            j += 1
-        average_rank = (i + j) / 2 + 1  # ranks are 1-based
-        rank_sum += average_rank * sum(1 for _, y in pairs[i: j + 1] if y >= 0.5)
-        i = j + 1
-    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return float(roc_auc_score(binary, [float(x) for x in scores]))
 
 
 @torch.no_grad()

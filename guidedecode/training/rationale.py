@@ -429,16 +429,10 @@ def extract_insert(
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (unit-cost insert, delete, substitute), two-row dynamic programme."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
+    """Levenshtein distance (unit-cost insert, delete, substitute), from rapidfuzz."""
+    from rapidfuzz.distance import Levenshtein
+
+    return int(Levenshtein.distance(a, b))
 
 
 def edit_similarity(source: str, candidate: str) -> Fraction:
@@ -769,14 +763,13 @@ def lora_targets(model) -> list[str]:
     raise TrainingError("no attention projections (q_proj/k_proj/v_proj/o_proj or c_attn) found for LoRA")
 
 
-def _cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``WARMUP_FRACTION`` of the steps, then cosine decay to 0
+    (``transformers.get_cosine_schedule_with_warmup``, the HF Trainer schedule the reference uses)."""
+    from transformers import get_cosine_schedule_with_warmup
 
-    return factor
+    warmup = int(WARMUP_FRACTION * total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -910,8 +903,7 @@ def train_sft(
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr)
-    warmup = int(WARMUP_FRACTION * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total_steps, warmup))
+    scheduler = lr_scheduler(optimizer, total_steps)
     if latest is not None:
         try:
             optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
