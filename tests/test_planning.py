@@ -470,3 +470,28 @@ def test_registry_builds_the_guide(tmp_path, base_tokenizer):
         build_guide("planning", tokenizer, {"planner": str(tmp_path), "force_type": "rag"})
     with pytest.raises(PlanningTokenError, match="not a planner directory"):
         build_guide("planning", tokenizer, {"planner": str(tmp_path / "nowhere")})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["kmeans", "arith"])
+def test_train_planner_other_schemes(tmp_path, scheme):
+    from guidedecode.training.planner import PlannerConfig, train_planner
+
+    if scheme == "kmeans":
+        data = _write_data(tmp_path / "data.json", n=8)
+    else:
+        data = tmp_path / "gsm.jsonl"
+        data.write_text("".join(json.dumps({"question": f"What is {i} + 2 * 3?",
+                                            "answer": f"2 * 3 = <<2*3=6>>6\n{i} + 6 = <<{i}+6={i + 6}>>{i + 6}\n"
+                                                      f"#### {i + 6}"}) + "\n" for i in range(8)))
+    config = PlannerConfig(data=str(data), scheme=scheme, k=2, n_prefix=1, n_special=1, max_steps=1, batch_size=2,
+                           grad_accum=1, lora_r=2)
+    metrics = train_planner(config, tmp_path / "run", loader=_loader("llama", False))
+    vocab = PlanningVocab.from_pretrained(tmp_path / "run" / "merged")
+    if scheme == "kmeans":
+        assert vocab.types == ("kmeans0", "kmeans1")
+        assert sum(metrics["train_step_types"].values()) == 2 * metrics["train_examples"]
+    else:
+        assert vocab.types == ("add", "sub", "mul", "div")
+        assert metrics["train_step_types"] == {"mul": metrics["train_examples"], "add": metrics["train_examples"]}
+    assert metrics["global_step"] == 1 and metrics["new_tokens"] == len(vocab.new_ids)
