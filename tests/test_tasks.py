@@ -318,3 +318,119 @@ def test_synthetic_prompt_has_worked_examples_of_the_same_level(checker):
         assert not any(d.question in test_questions for d in demos)
     zero_shot = SyntheticArithmetic(level=1, shots=0)
     assert len(zero_shot.messages(problem)) == 1
+
+
+# -- Hugging Face Hub when no local copy is given (issue 8 item 20) ---------------------------
+
+
+def _hub_repo(root, repo_id, configs):
+    """A local copy of a Hub dataset repository (what ``git clone`` of it gives): a README.md with
+    the ``configs`` YAML and parquet files. ``datasets.load_dataset`` reads it through the same
+    config/split resolution as the Hub repository, so pointing a task's Hub id here exercises the
+    real loading code offline."""
+    import datasets
+
+    repo = root / repo_id
+    yaml = ["---", "configs:"]
+    for config, splits in configs.items():
+        yaml += [f"- config_name: {config}", "  data_files:"]
+        features = datasets.Dataset.from_list([r for rows in splits.values() for r in rows]).features  # one schema
+        for split, rows in splits.items():
+            relative = f"{config}/{split}-00000-of-00001.parquet"
+            (repo / config).mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_list(rows, features=features).to_parquet(str(repo / relative))
+            yaml += [f"  - split: {split}", f"    path: {relative}"]
+    (repo / "README.md").write_text("\n".join(yaml + ["---", ""]))
+    return str(repo)
+
+
+@pytest.fixture
+def no_local_data(monkeypatch, tmp_path):
+    """A fresh clone elsewhere: no --data, no $GUIDEDECODE_DATA, no ../shared/data."""
+    from guidedecode.tasks import base
+
+    monkeypatch.delenv("GUIDEDECODE_DATA", raising=False)
+    monkeypatch.setattr(base, "DEFAULT_DATA_DIR", tmp_path / "no-shared-data")
+    return tmp_path
+
+
+def _raw_rows(path, n=None):
+    from guidedecode.tasks.base import read_rows
+
+    rows = read_rows(path)
+    return rows if n is None else rows[:n]
+
+
+def test_without_local_data_tasks_load_from_the_hub(no_local_data, data_dir, monkeypatch):
+    from guidedecode.tasks.base import HubSource
+
+    gsm8k = get_task("gsm8k")
+    assert gsm8k.hub["test"] == HubSource("openai/gsm8k", "main", "test")  # the real id
+    repo = _hub_repo(no_local_data, "openai/gsm8k", {
+        "main": {"test": _raw_rows(data_dir / "gsm8k" / "test.jsonl", 12),
+                 "train": _raw_rows(data_dir / "gsm8k" / "train.jsonl", 3)},
+    })
+    monkeypatch.setattr(type(gsm8k), "hub", {s: HubSource(repo, "main", s) for s in ("test", "train")})
+    assert gsm8k.load(limit=5) == get_task("gsm8k").load(data_dir, limit=5)  # same ids, questions, golds
+    assert len(gsm8k.load(split="train")) == 3
+
+    humaneval = get_task("humaneval")
+    assert humaneval.hub["test"].id == "openai/openai_humaneval"
+    rows = _raw_rows(data_dir / "humaneval" / "HumanEval.jsonl.gz", 4)
+    repo = _hub_repo(no_local_data, "openai/openai_humaneval", {"openai_humaneval": {"test": rows}})
+    monkeypatch.setattr(type(humaneval), "hub", {"test": HubSource(repo, None, "test")})
+    assert humaneval.load() == humaneval.load(data_dir, limit=4)
+
+
+def test_mbpp_from_the_hub_joins_the_full_splits_and_keeps_the_task_id_ranges(no_local_data, data_dir, monkeypatch):
+    from guidedecode.tasks.base import HubSource
+
+    mbpp = get_task("mbpp")
+    assert mbpp.hub["test"].id == "google-research-datasets/mbpp" and mbpp.hub["test"].config == "full"
+    rows = {r["task_id"]: r for r in _raw_rows(data_dir / "mbpp" / "mbpp.jsonl")}
+    full = {"train": [rows[i] for i in (601, 602)], "test": [rows[i] for i in (11, 12, 13)],
+            "validation": [rows[511]], "prompt": [rows[1], rows[2]]}
+    repo = _hub_repo(no_local_data, "google-research-datasets/mbpp", {"full": full})
+    monkeypatch.setattr(type(mbpp), "hub", {s: HubSource(repo, "full", "train+test+validation+prompt") for s in mbpp.files})
+    local = {p.meta["task_id"]: p for p in mbpp.load(data_dir, split="all")}
+    assert mbpp.load() == [local[i] for i in (11, 12, 13)]
+    assert [p.meta["task_id"] for p in mbpp.load(split="prompt")] == [1, 2]
+    assert len(mbpp.load(split="all")) == 8
+
+
+def test_commonsenseqa_hub_rows_give_the_same_prompts(no_local_data, data_dir, monkeypatch):
+    from guidedecode.tasks.base import HubSource
+
+    task = get_task("commonsenseqa")
+    local = task.load(data_dir, limit=6)
+    hub_rows = [{"id": str(i), "question": p.meta["stem"], "question_concept": "",
+                 "choices": {"label": [c for c, _ in p.meta["choices"]], "text": [t for _, t in p.meta["choices"]]},
+                 "answerKey": p.answer} for i, p in enumerate(local)]
+    repo = _hub_repo(no_local_data, "tau/commonsense_qa", {"default": {"validation": hub_rows}})
+    monkeypatch.setattr(type(task), "hub", {"test": HubSource(repo, None, "validation")})
+    from_hub = task.load()
+    assert [task.prompt(p) for p in from_hub] == [task.prompt(p) for p in local]
+    assert [(p.id, p.answer, p.meta["choices"]) for p in from_hub] == [(p.id, p.answer, p.meta["choices"]) for p in local]
+
+
+def test_no_data_anywhere_names_all_three_places(no_local_data, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from guidedecode.tasks import base
+    from guidedecode.tasks.base import HubSource
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # never touch the network here
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", no_local_data / "hf-cache")
+    gsm8k = get_task("gsm8k")
+    monkeypatch.setattr(type(gsm8k), "hub", {"test": HubSource("guidedecode-tests/no-such-dataset", "main", "test")})
+    with pytest.raises(TaskError) as error:
+        gsm8k.load()
+    message = str(error.value)
+    for needle in ("--data", "GUIDEDECODE_DATA", str(base.DEFAULT_DATA_DIR), "guidedecode-tests/no-such-dataset"):
+        assert needle in message, (needle, message)
+    with pytest.raises(TaskError, match="no Hugging Face Hub copy") as error:
+        get_task("truthfulqa").load()
+    for needle in ("--data", "GUIDEDECODE_DATA", str(base.DEFAULT_DATA_DIR)):
+        assert needle in str(error.value)

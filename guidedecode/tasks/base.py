@@ -3,9 +3,10 @@
 A task turns data files into :class:`Problem` rows, a problem into chat messages, a completion into an
 answer (:meth:`Task.extract`) and a completion into a verdict (:meth:`Task.check`).
 
-Data files are read with the ``datasets`` library from local paths only. Without an explicit path a
-task reads ``<data dir>/<its file for the split>``, where the data dir is ``$GUIDEDECODE_DATA`` or
-``<repository>/../shared/data`` (layout in that folder's README).
+Data is read with the ``datasets`` library, from the first of: an explicit ``path`` (the CLI's
+``--data``); ``$GUIDEDECODE_DATA``; ``<repository>/../shared/data`` (layout in that folder's README);
+else the task's dataset on the Hugging Face Hub by its real id (:attr:`Task.hub`, e.g.
+``openai/gsm8k``), the path a user with a network and a fresh clone gets.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from guidedecode.tasks.checker import MathChecker, default_checker
 from guidedecode.tasks.extract import extract_answer
 
 __all__ = [
-    "MathTask", "Problem", "Task", "check_lengths", "data_dir", "get_task", "list_tasks", "read_rows", "register_task",
+    "HubSource", "MathTask", "Problem", "Task", "check_lengths", "data_dir", "get_task", "list_tasks", "read_hub_rows",
+    "read_rows", "register_task",
 ]
 
 
@@ -37,12 +39,34 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
+#: The data dir used when neither a path nor ``$GUIDEDECODE_DATA`` is given.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
 def data_dir() -> Path:
     """``$GUIDEDECODE_DATA``, else ``<repository>/../shared/data``."""
     env = os.environ.get("GUIDEDECODE_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return DEFAULT_DATA_DIR
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A task split on the Hugging Face Hub: ``datasets.load_dataset(id, config, split=split)``
+    (``split`` may join several with ``+``)."""
+
+    id: str
+    config: str | None
+    split: str
+
+
+def read_hub_rows(source: HubSource) -> list[dict[str, Any]]:
+    """Rows of a Hub dataset split through ``datasets`` (downloads once, then its cache)."""
+    import datasets  # heavy; only needed when loading
+
+    dataset = datasets.load_dataset(source.id, source.config, split=source.split)
+    return dataset.to_list()
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -75,6 +99,7 @@ class Task:
 
     name: ClassVar[str] = ""
     files: ClassVar[dict[str, str]] = {}
+    hub: ClassVar[dict[str, HubSource]] = {}
     answer_kind: ClassVar[str] = "math"
     instruction: ClassVar[str] = ""
 
@@ -83,12 +108,13 @@ class Task:
     def load(
         self, path: str | os.PathLike | None = None, *, split: str = "test", limit: int | None = None
     ) -> list[Problem]:
-        """Problems of ``split`` from the default data dir, or from ``path`` (a file, or a directory
-        in the data-dir layout or holding the split's file); the first ``limit`` when given."""
+        """Problems of ``split`` from ``path`` (a file, or a directory in the data-dir layout or
+        holding the split's file), else the data dir, else the Hub (module docstring); the first
+        ``limit`` when given."""
         validation.optional(validation.integer, f"{self.name}: limit", limit, minimum=0, error=TaskError)
-        file = self.resolve(path, split)
+        file, rows = self.read(path, split)
         problems = []
-        for index, row in enumerate(read_rows(file)):
+        for index, row in enumerate(rows):
             try:
                 problem = self.to_problem(row, index, file)
             except KeyError as error:
@@ -112,6 +138,37 @@ class Task:
             if candidate.is_file():
                 return candidate
         raise TaskError(f"{self.name}: data file not found: {candidates[0]} (set GUIDEDECODE_DATA or pass path=)")
+
+    def read(self, path: str | os.PathLike | None, split: str) -> tuple[Path, list[dict[str, Any]]]:
+        """``(source, rows)`` of ``split``: the local file when a path or ``$GUIDEDECODE_DATA`` is
+        given or the default data dir has it, else the Hub dataset. ``source`` is the local file, or
+        for Hub rows the split's file name in the data-dir layout (so problem ids do not change)."""
+        given = path is not None or bool(os.environ.get("GUIDEDECODE_DATA"))
+        if given or split not in self.files or (DEFAULT_DATA_DIR / self.files[split]).is_file():
+            file = self.resolve(path, split)
+            return file, read_rows(file)
+        local = DEFAULT_DATA_DIR / self.files[split]
+        source = self.hub.get(split)
+        where = (f"pass a data file or directory (--data / path=), set $GUIDEDECODE_DATA, or put the "
+                 f"data dir at {DEFAULT_DATA_DIR}")
+        if source is None:
+            raise TaskError(f"{self.name}: no data for split {split!r}: {local} does not exist and this "
+                            f"split has no Hugging Face Hub copy; {where}")
+        try:
+            rows = [self.from_hub(row) for row in read_hub_rows(source)]
+        except Exception as error:  # datasets/huggingface_hub raise many types (offline, 404, ...)
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TaskError(
+                f"{self.name}: no data for split {split!r}: {local} does not exist and the Hugging Face "
+                f"Hub dataset {source.id!r} (config {source.config!r}, split {source.split!r}) could not be "
+                f"loaded ({type(error).__name__}: {first_line}; offline? HF_HUB_OFFLINE is "
+                f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}); {where}"
+            ) from error
+        return Path(self.files[split]), rows
+
+    def from_hub(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A Hub row in the local file's format (identity where both are the same)."""
+        return row
 
     def to_problem(self, row: dict[str, Any], index: int, source: Path) -> Problem | None:
         """One data row as a Problem (None drops the row, e.g. outside the split's id range)."""

@@ -1,18 +1,22 @@
-"""The benchmark tasks over the files in the data dir (formats: ``shared/data/README.md``).
+"""The benchmark tasks over the files in the data dir, or their Hugging Face Hub datasets.
 
-| task | splits | gold ``Problem.answer`` | checked by |
-|---|---|---|---|
-| ``gsm8k`` | train, test | text after ``####``, commas removed | math-verify |
-| ``math500`` | test | ``answer`` (LaTeX) | math-verify |
-| ``humaneval`` | test | canonical solution | sandbox: prompt + completion, ``test``, ``check(entry_point)`` |
-| ``mbpp`` | test, prompt, validation, train, all (1) | reference code | sandbox: completion, setup, asserts |
-| ``strategyqa`` | train, test (memreason); dev, orig-train (eladsegal) (2) | ``"yes"``/``"no"`` | exact match |
-| ``commonsenseqa`` | test | option letter | exact match |
-| ``truthfulqa`` | train, test | option letter | exact match |
+| task | splits | gold ``Problem.answer`` | checked by | Hub dataset (3) |
+|---|---|---|---|---|
+| ``gsm8k`` | train, test | text after ``####``, commas removed | math-verify | ``openai/gsm8k`` (main) |
+| ``math500`` | test | ``answer`` (LaTeX) | math-verify | ``HuggingFaceH4/MATH-500`` |
+| ``humaneval`` | test | canonical solution | sandbox: prompt + completion, ``test``, ``check(entry_point)`` | ``openai/openai_humaneval`` |
+| ``mbpp`` | test, prompt, validation, train, all (1) | reference code | sandbox: completion, setup, asserts | ``google-research-datasets/mbpp`` (full) |
+| ``strategyqa`` | train, test (memreason); dev, orig-train (eladsegal) (2) | ``"yes"``/``"no"`` | exact match | none |
+| ``commonsenseqa`` | test | option letter | exact match | ``tau/commonsense_qa`` (validation) |
+| ``truthfulqa`` | train, test | option letter | exact match | none |
 
 (1) by ``task_id``: test 11-510, prompt 1-10, validation 511-600, train 601-974, all 1-974.
 (2) memreason: the 2290 official train questions re-split, with labelled steps; eladsegal: the
 original format, a 90/10 split of the same questions.
+(3) used when no local copy is given or found (:meth:`guidedecode.tasks.base.Task.read`). The
+memreason re-splits (StrategyQA with step labels, TruthfulQA) exist only as files in the
+MingyuJ666/Disentangling-Memory-and-Reasoning repository. The Hub's MBPP is the google-research
+copy, which differs from the data dir's in a few tasks (e.g. 341 and 642).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from guidedecode.errors import TaskError
-from guidedecode.tasks.base import MathTask, Problem, Task, check_lengths, register_task
+from guidedecode.tasks.base import HubSource, MathTask, Problem, Task, check_lengths, register_task
 from guidedecode.tasks.extract import extract_choice, extract_code, normalize_number
 
 __all__ = [
@@ -55,6 +59,7 @@ class GSM8K(MathTask):
 
     name = "gsm8k"
     files = {"test": "gsm8k/test.jsonl", "train": "gsm8k/train.jsonl"}
+    hub = {split: HubSource("openai/gsm8k", "main", split) for split in ("test", "train")}
     answer_kind = "number"
     instruction = NUMBER_INSTRUCTION
 
@@ -72,6 +77,7 @@ class MATH500(MathTask):
 
     name = "math500"
     files = {"test": "math500/test.jsonl"}
+    hub = {"test": HubSource("HuggingFaceH4/MATH-500", None, "test")}
     answer_kind = "math"
     instruction = "Solve the following math problem step by step. Put your final answer within \\boxed{}."
 
@@ -219,6 +225,12 @@ class CommonsenseQA(ChoiceTask):
 
     name = "commonsenseqa"
     files = {"test": "commonsenseqa_memreason/commonsense_qa_test_clean_CC.json"}
+    hub = {"test": HubSource("tau/commonsense_qa", None, "validation")}
+
+    def from_hub(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``{question, choices: {label, text}, answerKey}`` -> the memreason row format."""
+        options = " ".join(f"{label}.{text}" for label, text in zip(row["choices"]["label"], row["choices"]["text"]))
+        return {"question": f"Question: {row['question']} Options: {options} ", "answer": row["answerKey"]}
 
 
 @register_task
@@ -287,6 +299,7 @@ class HumanEval(CodeTask):
 
     name = "humaneval"
     files = {"test": "humaneval/HumanEval.jsonl.gz"}
+    hub = {"test": HubSource("openai/openai_humaneval", None, "test")}
     instruction = (
         "Complete the following Python function. Reply with the whole function in one ```python code block."
     )
@@ -321,6 +334,8 @@ class MBPP(CodeTask):
 
     name = "mbpp"
     files = {split: "mbpp/mbpp.jsonl" for split in _MBPP_SPLITS}
+    # all of "full", then the task_id ranges above pick the split (as for the local file)
+    hub = {split: HubSource("google-research-datasets/mbpp", "full", "train+test+validation+prompt") for split in _MBPP_SPLITS}
     instruction = "Reply with the Python code in one ```python code block."
 
     def load(
