@@ -85,9 +85,11 @@ TAU_HELP = (
 @click.option("--threshold", default=0.9, show_default=True, help="alignment: minimum edit similarity")
 @click.option("--seed", default=0, show_default=True, help="dev split, data order and initialisation seed")
 @click.option("--device", default=None, help="torch device (cpu, cuda); default: where the model loads")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="weights dtype of the scorer and the model to fine-tune (default: as stored)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, lr, batch_size, extract_mode,
-              max_rationales, max_new_tokens, max_length, save_every, threshold, seed, device, quiet) -> None:
+              max_rationales, max_new_tokens, max_length, save_every, threshold, seed, device, dtype, quiet) -> None:
     """Extract, align, filter and fine-tune on implicit rationales (RATIONALYST, arXiv 2410.01044).
 
     \b
@@ -118,7 +120,7 @@ def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, 
     config = PipelineConfig(out=out, data=Path(data), model=model, base_model=base_model, records=records,
                             taus=per_source, default_tau=default_tau, extract_mode=extract_mode,
                             max_rationales=max_rationales or None, max_new_tokens=max_new_tokens,
-                            extract_batch_size=batch_size, threshold=threshold, device=device, sft=sft)
+                            extract_batch_size=batch_size, threshold=threshold, device=device, dtype=dtype, sft=sft)
     started = time.perf_counter()
     metrics = run_pipeline(config, STAGES if stage == "all" else (stage,), progress=not quiet)
     click.echo(json.dumps(metrics, indent=2))

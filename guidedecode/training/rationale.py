@@ -1022,6 +1022,7 @@ class PipelineConfig:
     threshold: float = SIMILARITY_THRESHOLD
     gamma: float = GAMMA
     device: str | None = None
+    dtype: str | None = None  # weights dtype of the scorer and the SFT base (float32, bfloat16, float16)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -1048,12 +1049,13 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
     config.sft.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    placement = {"dtype": config.dtype} if config.dtype else {}
     backend = None
 
     def scorer_backend():
         nonlocal backend
         if backend is None:
-            model, tokenizer = loader(config.model, device=config.device)
+            model, tokenizer = loader(config.model, device=config.device, **placement)
             backend = HFBackend(model, tokenizer, batch_size=max(config.extract_batch_size, 2))
         return backend
 
@@ -1100,7 +1102,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
                 f"{scored.get('scored', '?')}; see {out / 'metrics.json'}"
             )
         base = config.base_model or config.model
-        summary = train_sft(lambda: loader(base, device=config.device), kept, out / "sft", config.sft,
+        summary = train_sft(lambda: loader(base, device=config.device, **placement), kept, out / "sft", config.sft,
                             progress=progress)
         update_metrics(out, "sft", {k: v for k, v in summary.items() if k != "settings"})
     return json.loads((out / "metrics.json").read_text())
