@@ -850,3 +850,22 @@ def test_dots_runaway_program_of_thought_is_contained_as_a_failure(program):
     r = run_program(program, timeout=3.0, memory_mb=256, max_output_bytes=4096)
     assert not r.passed, r
     assert time.monotonic() - start < 3.0 + 10.0, "the sandbox did not stop the program in time"
+
+
+# --------------------------------------------------------------------------- isolation modes
+
+
+def test_isolation_falls_back_cleanly_without_bubblewrap(monkeypatch):
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="process mode"):
+        iso = sandbox_module._isolation.__wrapped__("auto")
+    assert iso.mode == "process" and "bubblewrap" in iso.reason
+    assert iso.network == (os.geteuid() == 0) and not iso.pid_namespace
+    with pytest.raises(RuntimeError, match="GUIDEDECODE_SANDBOX=bwrap"):
+        sandbox_module._isolation.__wrapped__("bwrap")
+
+
+def test_isolation_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("GUIDEDECODE_SANDBOX", "docker")
+    with pytest.raises(ValueError, match="GUIDEDECODE_SANDBOX"):
+        isolation()

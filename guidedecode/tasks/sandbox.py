@@ -349,19 +349,18 @@ def _bwrap_argv(bwrap: str, scratch: str, uid: int) -> list[str]:
         argv += ["--tmpfs", h]
     covered = hidden + ["/tmp"]
     under = [p for p in needed if any(p == c or p.startswith(c + "/") for c in covered)]
+    binds = [("--ro-bind", p) for p in under if not any(p != q and p.startswith(q + "/") for q in under)]
     made = set(covered)
-    for p in under:  # bind back what a tmpfs covers; a path inside another bound one is already there
-        if any(p != q and p.startswith(q + "/") for q in under):
-            continue
-        top = next(c for c in covered if p == c or p.startswith(c + "/"))
-        parts = p[len(top):].strip("/").split("/")[:-1]
+    for kind, p in binds + [("--bind", scratch)]:  # bind back what a tmpfs covers, then the scratch dir
+        top = next((c for c in covered if p == c or p.startswith(c + "/")), None)
+        parts = p[len(top):].strip("/").split("/")[:-1] if top else []
         for i in range(1, len(parts) + 1):  # bwrap would create these 0700: unreadable for nobody
             anc = top + "/" + "/".join(parts[:i])
             if anc not in made:
                 made.add(anc)
                 argv += ["--perms", "0755", "--dir", anc]
-        argv += ["--ro-bind", p, p]
-    argv += ["--bind", scratch, scratch, "--chdir", scratch,
+        argv += [kind, p, p]
+    argv += ["--chdir", scratch,
              "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
              "--die-with-parent", "--new-session", "--"]
     return argv
