@@ -428,3 +428,12 @@ def test_rationale_damaged_stage_file_is_refused_naming_file_and_line(rationale_
     path.write_text(lines[0] + "null\n" + "".join(lines[1:]))
     with pytest.raises(TrainingError, match="extract.jsonl line 2 is not a JSON object"):
         R.run_pipeline(config, ("align",))
+
+
+def test_rationale_corrupt_metrics_json_is_named(rationale_run, tmp_path):
+    from guidedecode.training import rationale as R
+
+    config = rationale_run(tmp_path / "run")
+    (tmp_path / "run" / "metrics.json").write_text('{"extract": ')
+    with pytest.raises(TrainingError, match="metrics.json is not valid JSON"):
+        R.run_pipeline(config, ("align",))

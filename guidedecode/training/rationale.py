@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from guidedecode.errors import TrainingError
-from guidedecode.records import atomic_write_text, check_complete, write_jsonl
+from guidedecode.records import atomic_write_text, check_complete, read_json, write_jsonl
 from guidedecode.records import read_jsonl as _read_records
 
 BOT, EOT = "<BOT>", "<EOT>"
@@ -93,7 +93,7 @@ def read_jsonl(path: Path, *, key: str | None = None) -> list[dict]:
 def update_metrics(out: Path, stage: str, values: dict) -> None:
     """Set ``metrics.json[stage] = values`` (read, modify, atomic write)."""
     path = Path(out) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics = read_json(path, error=TrainingError) if path.is_file() else {}
     metrics[stage] = values
     atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
 
@@ -101,7 +101,7 @@ def update_metrics(out: Path, stage: str, values: dict) -> None:
 def check_settings(out: Path, stage: str, settings: dict) -> None:
     """Record a stage's settings in ``settings.json``; refuse to resume a stage under other settings."""
     path = Path(out) / "settings.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = read_json(path, error=TrainingError) if path.is_file() else {}
     previous = recorded.get(stage)
     if previous is not None and previous != settings:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
@@ -843,7 +843,7 @@ def train_sft(
         settings.pop(volatile)
     final = sft_dir / "final"
     if (sft_dir / "history.json").is_file() and final.is_dir():
-        history = json.loads((sft_dir / "history.json").read_text())
+        history = read_json(sft_dir / "history.json", error=TrainingError)
         if history.get("settings") != settings:
             raise TrainingError(f"{sft_dir} holds a finished run with other settings: delete it or use a new --out")
         return {**history, "resumed_finished": True}
@@ -1094,7 +1094,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
     if "sft" in stages:
         kept = _stage_input(out / "filtered.jsonl", "filter")
         if not kept:
-            metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+            metrics = read_json(out / "metrics.json", error=TrainingError) if (out / "metrics.json").is_file() else {}
             aligned, scored = metrics.get("align", {}), metrics.get("filter", {})
             raise TrainingError(
                 f"no records to train on: align kept {aligned.get('aligned', '?')} of {aligned.get('documents', '?')} "
@@ -1105,7 +1105,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
         summary = train_sft(lambda: loader(base, device=config.device, **placement), kept, out / "sft", config.sft,
                             progress=progress)
         update_metrics(out, "sft", {k: v for k, v in summary.items() if k != "settings"})
-    return json.loads((out / "metrics.json").read_text())
+    return read_json(out / "metrics.json", error=TrainingError)
 
 
 def _stage_input(path: Path, stage: str) -> list[dict]:
