@@ -7,6 +7,7 @@ and the spread are recorded). `--model` may name a random-weight architecture of
 random ids), which the GPU suite uses: no weights travel.
 
     guidedecode bench decode [-- --batches 1 8 32 --new-tokens 64]
+    .venv-vllm/bin/guidedecode bench decode -- --backend vllm --batches 8  (HF and vLLM, plain and Q#)
     python benchmarks/bench_decode.py --model llama-3.1-8b --batches 1 8 64 --new-tokens 64
 """
 
@@ -60,7 +61,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for random-weight configs")
     parser.add_argument("--shrink", action="store_true", help="toy width/depth of a random-weight config (CPU smoke)")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                        help="vllm: HF generate and a vLLM engine, plain and Q# guided, side by side (decode_vllm.py)")
+    parser.add_argument("--dtype", default="bfloat16", help="--backend vllm: dtype of both paths")
+    parser.add_argument("--eta", type=float, default=3.0, help="--backend vllm: Q# guidance strength")
+    parser.add_argument("--value-layers", type=int, default=6, help="--backend vllm: layers of the value model")
     args = parser.parse_args()
+    if args.backend == "vllm":
+        from decode_vllm import run  # benchmarks/decode_vllm.py, beside this script
+
+        run(args, write_result)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     synthetic = args.model in MODEL_CONFIGS
     if synthetic:

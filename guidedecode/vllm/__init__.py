@@ -1,6 +1,7 @@
 """vLLM integration: token guides as vLLM logits processors, step strategies on :class:`VLLMBackend`.
 
-* Token guides: :class:`QSharp` (and any :class:`GuideLogitsProcessor` subclass) implements both of
+* Token guides: :class:`QSharp`, :class:`PlanningTokens`, :class:`ActionLine` (any
+  :class:`GuideLogitsProcessor` subclass) implement both of
   vLLM's logits-processor interfaces in one class, Model Runner V2 (the default on GPUs in vLLM 0.33)
   and the V1 runner (CPU builds, ``VLLM_USE_V2_MODEL_RUNNER=0``), so one name works with either::
 
@@ -31,6 +32,8 @@ SUPPORTED_VLLM = ("0.32", "0.34")  # [low, high): the versions the adapters are 
 _EXPORTS = {
     "GuideLogitsProcessor": "guidedecode.vllm.processors",
     "QSharp": "guidedecode.vllm.processors",
+    "ActionLine": "guidedecode.vllm.processors",
+    "PlanningTokens": "guidedecode.vllm.processors",
     "VLLMBackend": "guidedecode.vllm.backend",
 }
 

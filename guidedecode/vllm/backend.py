@@ -33,8 +33,9 @@ class VLLMBackend(TokenizerPrompts):
 
     ``extra_args``: ``SamplingParams.extra_args`` sent with every sampling request (e.g.
     ``{"qsharp_eta": 3.0}`` for an engine built with ``logits_processors=[guidedecode.vllm.QSharp]``).
-    ``lora_request``: a ``vllm.lora.request.LoRARequest`` applied to every request (a weight delta served
-    as a LoRA adapter).
+    ``lora_request``: a ``vllm.lora.request.LoRARequest`` applied to every request, or a list with one per
+    prompt of each call (``None`` entries: the base model) - a weight delta served as a LoRA adapter
+    (:func:`guidedecode.deltas.export.export_lora` writes one; the engine needs ``enable_lora=True``).
     """
 
     def __init__(self, llm, *, tokenizer=None, extra_args: dict | None = None, lora_request=None):
@@ -75,7 +76,7 @@ class VLLMBackend(TokenizerPrompts):
         params = SamplingParams(n=n, max_tokens=max_new_tokens, stop=stops or None, include_stop_str_in_output=True,
                                 skip_special_tokens=False, extra_args=dict(self.extra_args) or None, **options)
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False,
-                                    lora_request=self.lora_request)
+                                    lora_request=self._lora(len(encoded)))
         results: list[list[Completion]] = []
         longest = 0
         for ids, output in zip(encoded, outputs):
@@ -85,6 +86,13 @@ class VLLMBackend(TokenizerPrompts):
         self.stats.count_generate(prompt_tokens=n * sum(len(ids) for ids in encoded), steps=longest,
                                   generated_tokens=sum(c.num_tokens for row in results for c in row), calls=1)
         return results
+
+    def _lora(self, prompts: int):
+        if isinstance(self.lora_request, (list, tuple)):
+            if len(self.lora_request) != prompts:
+                raise StrategyError(f"lora_request has {len(self.lora_request)} entries for {prompts} prompts")
+            return list(self.lora_request)
+        return self.lora_request
 
     # ------------------------------------------------------------------------------------ scoring
     def score(self, prefix: Prompt, continuations: Sequence[Prompt]) -> list[ContinuationScore]:
@@ -101,8 +109,11 @@ class VLLMBackend(TokenizerPrompts):
         if not flat:
             return [[] for _ in requests]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        lora = self._lora(len(requests))
+        if isinstance(lora, list):  # one adapter per request: the same one for each of its candidates
+            lora = [lora[i] for i, row in enumerate(joined) for _ in row]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in flat], params, use_tqdm=False,
-                                    lora_request=self.lora_request)
+                                    lora_request=lora)
         scores = []
         for (ids, start), output in zip(flat, outputs):
             logprobs = output.prompt_logprobs  # [None, {token: Logprob}, ...] aligned with ids

@@ -37,7 +37,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from guidedecode.guides.base import TokenGuide
 
-__all__ = ["GuideLogitsProcessor", "QSharp"]
+__all__ = ["ActionLine", "GuideLogitsProcessor", "PlanningTokens", "QSharp"]
 
 
 class _Request:
@@ -236,3 +236,130 @@ class QSharp(GuideLogitsProcessor):
             temperature=temperature if temperature > 0 else 1.0,
             top_p=float(sampling_params.top_p or 1.0),
         )
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+def _flag(extra_args: dict, key: str) -> bool:
+    value = extra_args.get(key, 0)
+    if value in (0, 1) and not isinstance(value, float) or isinstance(value, bool):
+        return bool(value)
+    raise ValueError(f"{key} must be 0 or 1 (false or true), got {value!r}")
+
+
+def _served_tokenizer(vllm_config):
+    """The served model's tokenizer, from local files (the engine has loaded it already)."""
+    from transformers import AutoTokenizer
+
+    from guidedecode.errors import GuideError
+
+    name = getattr(getattr(vllm_config, "model_config", None), "tokenizer", None)
+    if not name:
+        raise GuideError("this processor needs the served model's tokenizer, but the vLLM config names none")
+    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
+# ------------------------------------------------------------------------------------------ DOTS action line
+class ActionLine(GuideLogitsProcessor):
+    """DOTS (Yue et al., arXiv 2410.03864): every ``Required Action:`` line of a request is one of the 12
+    reasoning-action trajectories (:class:`~guidedecode.dots.action_line.ActionLineGuide`, an outlines-core
+    automaton over the served tokenizer); text before and after stays free.
+
+    Per request: ``dots_action_line`` = 1 turns it on (absent or 0: untouched).
+    """
+
+    KEYS = ("dots_action_line",)
+
+    @classmethod
+    def options(cls, extra_args):
+        unknown = sorted(k for k in extra_args if k.startswith("dots_") and k not in cls.KEYS)
+        if unknown:
+            raise ValueError(f"unknown DOTS request argument(s) {unknown}: known are {list(cls.KEYS)}")
+        return {} if _flag(extra_args, "dots_action_line") else None
+
+    def setup(self, vllm_config):
+        self.tokenizer = _served_tokenizer(vllm_config)
+
+    def make_guide(self, options, sampling_params):
+        from guidedecode.dots.action_line import ActionLineGuide
+
+        return ActionLineGuide(self.tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ planning tokens
+PLANNER_ENV = "GUIDEDECODE_PLANNER"
+
+
+class PlanningTokens(GuideLogitsProcessor):
+    """Planning tokens (Wang et al., arXiv 2310.05707; memory/reason tokens, Jin et al., arXiv 2411.13504):
+    block completion and type steering of :class:`~guidedecode.guides.planning.PlanningTokenGuide` for a
+    served planner checkpoint. ``$GUIDEDECODE_PLANNER`` names the planner directory (its
+    ``planning_tokens.json``; the merged export that vLLM serves has it).
+
+    Per request: ``planning`` = 1 turns it on (block completion); ``planning_force_type`` (a type name),
+    ``planning_ban_types`` (a list of type names), ``planning_memory_before_reason`` (0/1),
+    ``planning_max_steps`` (an integer >= 0). A steering key alone turns it on too.
+    """
+
+    KEYS = ("planning", "planning_force_type", "planning_ban_types", "planning_memory_before_reason",
+            "planning_max_steps")
+
+    @classmethod
+    def vocab(cls):
+        from guidedecode.planning.vocab import PlanningVocab
+
+        directory = os.environ.get(PLANNER_ENV)
+        if not directory:
+            raise ValueError(f"planning-token requests need ${PLANNER_ENV}: the planner directory")
+        return _planning_vocab(directory, PlanningVocab)
+
+    @classmethod
+    def options(cls, extra_args):
+        unknown = sorted(k for k in extra_args if k.startswith("planning") and k not in cls.KEYS)
+        if unknown:
+            raise ValueError(f"unknown planning-token request argument(s) {unknown}: known are {list(cls.KEYS)}")
+        given = [k for k in cls.KEYS if k in extra_args]
+        if not given or (given == ["planning"] and not _flag(extra_args, "planning")):
+            return None
+        options = {"memory_before_reason": _flag(extra_args, "planning_memory_before_reason")}
+        force = extra_args.get("planning_force_type")
+        if force is not None and not isinstance(force, str):
+            raise ValueError(f"planning_force_type must be a type name, got {force!r}")
+        ban = extra_args.get("planning_ban_types", [])
+        if isinstance(ban, str):
+            ban = [ban]
+        if not isinstance(ban, list) or not all(isinstance(t, str) for t in ban):
+            raise ValueError(f"planning_ban_types must be a list of type names, got {ban!r}")
+        steps = extra_args.get("planning_max_steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"planning_max_steps must be an integer >= 0, got {steps!r}")
+        options.update(force_type=force, ban_types=tuple(ban), max_steps=steps)
+        from guidedecode.errors import GuideError
+        from guidedecode.guides.planning import PlanningTokenGuide
+
+        try:  # type names are checked against the planner's vocabulary here, at admission
+            PlanningTokenGuide(cls.vocab(), **options)
+        except GuideError as exc:
+            raise ValueError(str(exc)) from exc
+        return options
+
+    def setup(self, vllm_config):
+        from guidedecode.errors import GuideError
+
+        try:
+            self.planning_vocab = self.vocab()
+        except ValueError as exc:
+            raise GuideError(str(exc)) from exc
+
+    def make_guide(self, options, sampling_params):
+        from guidedecode.guides.planning import PlanningTokenGuide
+
+        return PlanningTokenGuide(self.planning_vocab, **options)
+
+
+_VOCABS: dict[str, Any] = {}
+
+
+def _planning_vocab(directory: str, loader):
+    if directory not in _VOCABS:
+        _VOCABS[directory] = loader.from_pretrained(directory)
+    return _VOCABS[directory]

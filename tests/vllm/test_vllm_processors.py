@@ -269,3 +269,76 @@ def test_import_touches_no_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# ------------------------------------------------------------------------------ action line, planning tokens
+def drive_v1(proc, requests, steps, vocab_size, make_reference, seed=0):
+    """Feed ``requests`` [(params, prompt)] through the V1 interface for ``steps`` steps; each row must equal
+    ``make_reference(params)`` (a fresh HF guide, or None for unguided) run on that request's history alone."""
+    proc.update_state(BatchUpdate(batch_size=len(requests), removed=[], moved=[],
+                                  added=[(i, p, list(prompt), out) for i, (p, prompt, out) in enumerate(requests)]))
+    gen = torch.Generator().manual_seed(seed)
+    references = [make_reference(p) for p, _, _ in requests]
+    for _ in range(steps):
+        logits = torch.randn(len(requests), vocab_size, generator=gen)
+        original = logits.clone()
+        out = proc.apply(logits)
+        for i, (p, prompt, output) in enumerate(requests):
+            if references[i] is None:
+                assert torch.equal(out[i], original[i])
+            else:
+                want = references[i](torch.tensor([list(prompt) + output]), original[i][None].clone())[0]
+                assert torch.equal(out[i], want)
+            output.append(int(torch.argmax(out[i])))
+    return requests
+
+
+def test_action_line_processor_matches_the_hf_guide_and_yields_an_action(tmp_path):
+    from guidedecode.dots.action_line import ActionLineGuide
+    from guidedecode.dots.actions import ACTION_LINE_TRIGGER, ACTION_LINES
+    from guidedecode.models import load_tokenizer, model_source
+    from guidedecode.vllm import ActionLine
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    proc = ActionLine(SimpleNamespace(model_config=SimpleNamespace(tokenizer=model_source())), torch.device("cpu"), False)
+    prompt = tok("Plan the solution.\n" + ACTION_LINE_TRIGGER, add_special_tokens=False)["input_ids"]
+    on, off = SamplingParams(extra_args={"dots_action_line": 1}), SamplingParams()
+    requests = [(on, prompt, []), (off, prompt, []), (on, prompt, [])]
+    drive_v1(proc, requests, 16, len(tok), lambda p: ActionLineGuide(tok) if p.extra_args else None)
+    for params, prompt_ids, output in requests:
+        if params.extra_args:
+            text = tok.decode(output)
+            assert any(text.startswith(f" {line}\n") for line in ACTION_LINES), text
+    for bad in ({"dots_action_line": "yes"}, {"dots_action_line": 2}, {"dots_actionline": 1}):
+        with pytest.raises(ValueError, match="dots_action"):
+            ActionLine.validate_params(SamplingParams(extra_args=bad))
+
+
+def test_planning_tokens_processor_matches_the_hf_guide_and_checks_type_names(tmp_path, monkeypatch):
+    from guidedecode.guides.planning import PlanningTokenGuide
+    from guidedecode.planning import PlanningVocab
+    from guidedecode.vllm import PlanningTokens
+    from guidedecode.vllm.processors import PLANNER_ENV
+
+    vocab = PlanningVocab(("memory", "reason"), 2, 2, 300)
+    vocab.save_pretrained(tmp_path)
+    monkeypatch.setenv(PLANNER_ENV, str(tmp_path))
+    proc = PlanningTokens(config(), torch.device("cpu"), False)
+    forced = SamplingParams(extra_args={"planning_force_type": "memory", "planning_max_steps": 2})
+    blocks = SamplingParams(extra_args={"planning": 1})
+    requests = [(forced, [5, 6], []), (SamplingParams(), [5, 6], []), (blocks, [7], [])]
+    vocab_size = 300 + len(vocab.new_ids)
+
+    def reference(p):
+        options = PlanningTokens.options(dict(p.extra_args or {}))
+        return None if options is None else PlanningTokenGuide(vocab, **options)
+
+    drive_v1(proc, requests, 20, vocab_size, reference)
+    table = vocab.id_table()
+    typed = [table[t][0] for t in requests[0][2] if t in table and table[t][1] == 0 and table[t][0] != "prefix"]
+    assert "reason" not in typed  # force_type=memory holds
+    for bad, needle in [({"planning_force_type": "planning"}, "unknown step type"),
+                        ({"planning_max_steps": -1}, "planning_max_steps"),
+                        ({"planning_ban_types": [3]}, "planning_ban_types"), ({"planning_typo": 1}, "planning_typo")]:
+        with pytest.raises(ValueError, match=needle):
+            PlanningTokens.validate_params(SamplingParams(extra_args=bad))
