@@ -432,6 +432,15 @@ def test_planner_resume_is_bit_identical(tmp_path):
 
     with pytest.raises(Kill):
         train_planner(config, tmp_path / "b", loader=_loader("llama", False), on_step=kill)
+    # a checkpoint of the interrupted run exports like a finished run
+    from guidedecode.training.planner import export_checkpoint, load_planner
+
+    exported = export_checkpoint(tmp_path / "b", 4, tmp_path / "exported", loader=_loader("llama", False))
+    assert exported["global_step"] == 4
+    model, tokenizer, vocab = load_planner(tmp_path / "exported")
+    assert vocab.n_prefix == 1 and len(tokenizer) == vocab.new_ids[-1] + 1
+    with pytest.raises(TrainingError, match="checkpoint-0000003 not found"):
+        export_checkpoint(tmp_path / "b", 3, tmp_path / "x", loader=_loader("llama", False))
     train_planner(config, tmp_path / "b", loader=_loader("llama", False))
     from safetensors.torch import load_file
 

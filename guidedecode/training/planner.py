@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -129,21 +130,32 @@ def _hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_planner(config: PlannerConfig, out: str | os.PathLike, *, progress: bool = False,
-                  loader: Callable | None = None, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run every stage into ``out`` (resumes what is there); returns ``out/metrics.json``'s content.
+@dataclass
+class PreparedPlanner:
+    """Stages 1-3 and the LoRA wrapping done: everything :func:`fit` and the export need."""
 
-    ``loader(name, device=) -> (model, tokenizer)`` defaults to :func:`guidedecode.models.load_model`.
-    """
+    model: Any  # the peft model (LoRA on the MLP + trainable new-token rows)
+    tokenizer: Any
+    vocab: PlanningVocab | None
+    train: list
+    dev: list
+    pad_token_id: int
+    summary: dict  # data figures for metrics.json
+
+
+def prepare_planner(config: PlannerConfig, out: str | os.PathLike, *, loader: Callable | None = None,
+                    write: bool = True) -> PreparedPlanner:
+    """Stages 1-3 and the peft wrapping, deterministic in ``config``; ``write`` records the settings
+    and writes the token registry and tokenizer into ``out`` (a resumed run must match them)."""
     from guidedecode.backends.hf import eos_token_ids
     from guidedecode.models import load_model
 
     config.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out / "config.json", asdict(config), may_change=("save_every", "device"))
-    loader = loader or load_model
-    model, tokenizer = loader(config.model, device=config.device)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(out / "config.json", asdict(config), may_change=("save_every", "device"))
+    model, tokenizer = (loader or load_model)(config.model, device=config.device)
 
     # 1. data: a seeded subset without replacement
     path = Path(config.data) if config.data else default_data()
@@ -167,8 +179,9 @@ def train_planner(config: PlannerConfig, out: str | os.PathLike, *, progress: bo
                                         n_special=config.n_special, seed=config.seed)
         except PlanningTokenError as error:
             raise TrainingError(str(error)) from error
-        vocab.save_pretrained(out)
-        tokenizer.save_pretrained(out / "tokenizer")
+        if write:
+            vocab.save_pretrained(out)
+            tokenizer.save_pretrained(out / "tokenizer")
     else:
         clean = make_typer("memreason").clean  # drops a [rag]/[reason] label when there is one
         train_rows = [{**r, "steps": [clean(s) for s in r["steps"]]} for r in train_rows]
@@ -188,42 +201,84 @@ def train_planner(config: PlannerConfig, out: str | os.PathLike, *, progress: bo
     if not train:
         raise TrainingError(f"every training example is longer than max_length {config.max_length} tokens")
     type_counts = Counter(t for r in train_rows for types in r.get("types", []) for t in (types or ["assignment"]))
+    summary = {"scheme": config.scheme, "data": str(path), "rows": len(rows), "train_examples": len(train),
+               "dev_examples": len(dev), "dropped_too_long": train_long + dev_long,
+               "train_step_types": dict(type_counts), "new_tokens": len(vocab.new_ids) if vocab else 0}
+    return PreparedPlanner(lora_model(model, config, vocab), tokenizer, vocab, train, dev, pad, summary)
 
+
+def export_planner(prepared: PreparedPlanner, directory: str | os.PathLike) -> None:
+    """``directory/adapter`` (peft adapter + token rows, tokenizer, registry) and ``directory/merged``
+    (LoRA and rows merged: a plain HF checkpoint with the extended tokenizer), each written atomically."""
+    model, tokenizer, vocab = prepared.model, prepared.tokenizer, prepared.vocab
+    directory = Path(directory)
+
+    def write_adapter(target: Path) -> None:
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        if vocab is not None:
+            vocab.save_pretrained(target)
+
+    def write_merged(target: Path) -> None:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        if vocab is not None:
+            vocab.save_pretrained(target)
+
+    model.eval()
+    atomic_dir(directory / "adapter", write_adapter)
+    atomic_dir(directory / "merged", write_merged)
+
+
+def train_planner(config: PlannerConfig, out: str | os.PathLike, *, progress: bool = False,
+                  loader: Callable | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run every stage into ``out`` (resumes what is there); returns ``out/metrics.json``'s content.
+
+    ``loader(name, device=) -> (model, tokenizer)`` defaults to :func:`guidedecode.models.load_model`.
+    """
+    out = Path(out)
+    prepared = prepare_planner(config, out, loader=loader)
+    model, train, dev = prepared.model, prepared.train, prepared.dev
     # 4. fine-tune
-    model = lora_model(model, config, vocab)
     settings = {"data": _hash([list(e.input_ids) for e in train] + [list(e.input_ids) for e in dev]),
                 "model": config.model}
-    fitted = fit(model, train, dev, out / "train", config.fit_config(), settings=settings, pad_token_id=pad,
-                 progress=progress, desc=f"planner ({config.scheme})", on_step=on_step)
-    model.eval()
+    fitted = fit(model, train, dev, out / "train", config.fit_config(), settings=settings,
+                 pad_token_id=prepared.pad_token_id, progress=progress, desc=f"planner ({config.scheme})",
+                 on_step=on_step)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
     # 5. export
-    def write_adapter(directory: Path) -> None:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        if vocab is not None:
-            vocab.save_pretrained(directory)
-
-    def write_merged(directory: Path) -> None:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
-        if vocab is not None:
-            vocab.save_pretrained(directory)
-
-    atomic_dir(out / "adapter", write_adapter)
-    atomic_dir(out / "merged", write_merged)
+    export_planner(prepared, out)
     metrics = {
-        "scheme": config.scheme, "data": str(path), "rows": len(rows), "train_examples": len(train),
-        "dev_examples": len(dev), "dropped_too_long": train_long + dev_long, "train_step_types": dict(type_counts),
-        "new_tokens": len(vocab.new_ids) if vocab else 0,
-        "trainable_parameters": trainable,
+        **prepared.summary, "trainable_parameters": trainable,
         **{k: v for k, v in fitted.to_dict().items() if k not in ("train_examples", "dev_examples")},
         "adapter": str(out / "adapter"), "merged": str(out / "merged"),
     }
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def export_checkpoint(out: str | os.PathLike, step: int, directory: str | os.PathLike, *,
+                      loader: Callable | None = None) -> dict:
+    """Export the weights of ``out/train/checkpoint-<step>`` (a run in progress or stopped) like a
+    finished run (``directory/adapter``, ``directory/merged``); returns the checkpoint's loop state."""
+    from guidedecode.training.common import load_trainable
+
+    out = Path(out)
+    checkpoint = out / "train" / f"checkpoint-{step:07d}"
+    if not (checkpoint / "trainable.safetensors").is_file():
+        raise TrainingError(f"{checkpoint} not found (checkpoints: "
+                            f"{sorted(p.name for p in (out / 'train').glob('checkpoint-*'))})")
+    config = PlannerConfig(**json.loads((out / "config.json").read_text()))
+    prepared = prepare_planner(config, out, loader=loader, write=False)
+    load_trainable(prepared.model, checkpoint / "trainable.safetensors")
+    state = json.loads((checkpoint / "state.json").read_text())
+    export_planner(prepared, directory)
+    summary = {**prepared.summary, "checkpoint": str(checkpoint), "global_step": state["global_step"],
+               "history": state["history"]}
+    write_json(Path(directory) / "metrics.json", summary)
+    write_json(Path(directory) / "config.json", asdict(config))
+    return summary
 
 
 def load_planner(directory: str | os.PathLike, *, adapter: bool = False, base_model: str | None = None,
