@@ -11,10 +11,14 @@ from pathlib import Path
 
 import click
 
-from guidedecode.training.planner import SCHEMES, PlannerConfig, train_planner
+from guidedecode.cli.train_dots import METHOD_HELP, MethodDispatch
+from guidedecode.errors import TrainingError
+from guidedecode.training.planner import SCHEMES, PlannerConfig, export_checkpoint, train_planner
 
 
-@click.command(name="planner", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="planner", cls=MethodDispatch, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--method", type=click.Choice(("planning-tokens", "dots")), default="planning-tokens",
+              show_default=True, expose_value=False, help=METHOD_HELP)
 @click.option("--scheme", type=click.Choice(SCHEMES), default="memreason", show_default=True,
               help="step types: memreason ([rag]/[reason] labels -> memory/reason), kmeans (clusters of step "
                    "embeddings), arith (the operators of each step); none = plain chain-of-thought LoRA baseline")
@@ -42,8 +46,12 @@ from guidedecode.training.planner import SCHEMES, PlannerConfig, train_planner
 @click.option("--seed", default=0, show_default=True, help="subset, dev split, data order, LoRA and row init")
 @click.option("--device", default=None, help="torch device (cpu, cuda); default: where the model loads")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--export-step", type=int, default=None,
+              help="instead of training: export --out's checkpoint at this optimizer step (a running or stopped "
+                   "run, with its recorded settings) to --export-dir as adapter/ and merged/")
+@click.option("--export-dir", type=click.Path(path_type=Path), default=None, help="target of --export-step")
 def planner(scheme, model, data, out, examples, n_prefix, n_special, k, epochs, max_steps, batch_size, grad_accum,
-            lr, lora_r, max_length, dev_fraction, save_every, seed, device, quiet) -> None:
+            lr, lora_r, max_length, dev_fraction, save_every, seed, device, quiet, export_step, export_dir) -> None:
     """Train a planning-token model (Wang et al. arXiv 2310.05707; Jin et al. arXiv 2411.13504).
 
     \b
@@ -53,6 +61,11 @@ def planner(scheme, model, data, out, examples, n_prefix, n_special, k, epochs, 
     lowest dev loss is exported as out/adapter (peft) and out/merged (plain HF checkpoint).
     Decode with guidedecode.PlanningTokenGuide (block completion, type steering).
     """
+    if export_step is not None or export_dir is not None:
+        if export_step is None or export_dir is None:
+            raise TrainingError("--export-step and --export-dir go together")
+        click.echo(json.dumps(export_checkpoint(out, export_step, export_dir), indent=2))
+        return
     config = PlannerConfig(model=model, data=str(data) if data else None, scheme=scheme, n_prefix=n_prefix,
                            n_special=n_special, k=k, examples=examples, max_length=max_length,
                            dev_fraction=dev_fraction, lora_r=lora_r, lora_alpha=lora_r, epochs=epochs,
