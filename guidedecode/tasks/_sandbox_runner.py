@@ -214,4 +214,3 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv)
-pwnedpwnedpwnedpwned
