@@ -531,8 +531,9 @@ def test_attack_07_fork_bomb_is_capped_and_reaped():
     )
     r = run_program(program, timeout=30.0)
     made = int(r.stdout.split()[0])
+    # the cap is the sandbox user's task count at launch + NPROC_HEADROOM (64): other sandboxes
+    # running at the same time as 'nobody' raise it, so only "well short of 200" is asserted
     assert made < 200, "RLIMIT_NPROC not enforced"
-    assert made <= 64 + 8
     assert not _survivors(token, wait=10.0)
 
 
