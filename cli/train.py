@@ -14,7 +14,7 @@ import click
 # subcommand name -> (module, click command attribute, one-line help)
 TRAINERS = {
     "planner": ("guidedecode.cli.train_planner", "planner",
-                "Train a planning-token model (memory/reason, k-means or arithmetic step types)."),
+                "Train a planner: planning tokens (--scheme memreason|kmeans|arith) or DOTS (--method dots)."),
     "optune": ("guidedecode.cli.train_optune", "optune",
                "Meta-train an OpTune weight editor (attempts, statistics, edit training)."),
     "qsharp": ("guidedecode.cli.train_qsharp", "qsharp", "Train a Q# value model (collect roll-outs, fit, rounds)."),

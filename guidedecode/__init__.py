@@ -33,6 +33,8 @@ _EXPORTS = {
     "Revision": "guidedecode.strategies",
     "SelfRefine": "guidedecode.strategies",
     "RationaleStepSearch": "guidedecode.strategies",
+    "DOTS": "guidedecode.dots",
+    "ActionLineGuide": "guidedecode.dots",
     "QSharpGuide": "guidedecode.guides",
     "PlanningTokenGuide": "guidedecode.guides",
     "PlanningVocab": "guidedecode.planning",

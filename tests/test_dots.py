@@ -4,6 +4,7 @@ scripted replies are forced token by token through a logits processor (the model
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -187,7 +188,9 @@ def test_action_line_is_always_one_of_the_twelve_and_free_text_is_untouched(toke
         changed = (out != scores).nonzero().flatten().tolist()
         assert all(out[i] == float("-inf") for i in changed)
         assert not guide.active_rows()[0]
-        ids.append(int(torch.multinomial(torch.softmax(out, -1), 1, generator=generator)))
+        free = out.clone()
+        free[tokenizer.eos_token_id] = float("-inf")  # EOS would end the row before the action line
+        ids.append(int(torch.multinomial(torch.softmax(free, -1), 1, generator=generator)))
     for token in tokenizer(" Required Action:", add_special_tokens=False)["input_ids"]:
         out = _step(guide, ids, logits())
         assert out[token] > float("-inf")
@@ -408,3 +411,208 @@ def test_dots_is_registered_for_eval(tokenizer):
     assert strategy.max_verify_rounds == 1
     with pytest.raises(ActionError, match="unknown action"):
         build_strategy("dots", tokenizer, {"trajectory": "magic"})
+
+
+# ---------------------------------------------------------------------------------- trajectory search
+
+
+def _trajectory_of(prompt: str) -> str:
+    analysis = "planning" if decompose.INSTRUCTION in prompt else "query_rewriting" if rewrite.INSTRUCTION in prompt else ""
+    solution = "programming_solver" if pot.INSTRUCTION in prompt else "CoT"
+    return Trajectory(analysis, solution, "verifier" if verify.INSTRUCTION in prompt else "").action_line
+
+
+def _tagging_reply(prompt: str) -> str:
+    """Every final answer names the trajectory that produced it: TRAJ[<action line>]."""
+    last = prompt.rsplit("<|im_start|>user", 1)[-1]
+    if verify.INSTRUCTION in last:
+        return "Looks fine.\nThe answer is: correct"
+    if pot.INSTRUCTION in last:
+        return "```python\nprint(1)\n```"
+    return f"TRAJ[{_trajectory_of(prompt)}]"
+
+
+def scripted_checker(rates: dict[str, float], samples: int, calls: list | None = None):
+    """Accepts the first round(rate * samples) runs of each trajectory in every call."""
+    def check(texts, problems):
+        seen: dict[str, int] = {}
+        verdicts = []
+        for text in texts:
+            line = text[text.index("TRAJ[") + 5: text.index("]")]
+            j = seen[line] = seen.get(line, -1) + 1
+            verdicts.append(j < round(rates.get(line, 0.0) * samples))
+        if calls is not None:
+            calls.append(len(texts))
+        return verdicts
+    return check
+
+
+def _problems(n=1):
+    from guidedecode.tasks import get_task
+
+    task = get_task("synthetic")
+    return task, task.load(split="train", limit=n)
+
+
+def test_rank_orders_by_success_then_length():
+    from guidedecode.dots.search import rank
+
+    t = {line: parse_trajectory(line) for line in ACTION_LINES}
+    success = {t["planning, programming_solver, verifier"]: 0.5, t["CoT, verifier"]: 0.5, t["CoT"]: 0.25,
+               t["query_rewriting, CoT, verifier"]: 0.75}
+    assert [x.action_line for x in rank(success)] == [
+        "query_rewriting, CoT, verifier", "CoT, verifier", "planning, programming_solver, verifier", "CoT"]
+
+
+def test_search_follows_algorithm_1_on_a_scripted_checker(backend, tmp_path):
+    from guidedecode.dots.search import SearchConfig, search
+
+    task, problems = _problems(1)
+    solver = scripted_backend(backend, _tagging_reply)
+    rates = {"planning, CoT": 1.0, "CoT": 0.5, "query_rewriting, CoT": 0.5, "CoT, verifier": 0.5,
+             "planning, programming_solver, verifier": 1.0}
+    calls = []
+    config = SearchConfig(rounds=2, samples=2, keep=(8, 3), temperature=0.7, max_new_tokens=24)
+    summary = search(problems, solver, messages=task.messages, check=scripted_checker(rates, 2, calls), config=config,
+                     out=tmp_path)[0]
+    assert calls == [24, 16] and summary["runs"] == 2 * (12 + 8)  # N_eval * (12 + N_1)
+    assert summary["status"] == "kept"
+    assert summary["best"] == "planning, CoT"  # success 1.0, shorter than the other 1.0 trajectory
+    assert summary["success"]["planning, programming_solver, verifier"] == 1.0
+    assert summary["success"]["CoT"] == 0.5 and summary["success"]["programming_solver"] == 0.0
+    assert summary["first_turn"] == "TRAJ[planning, CoT]"
+    # round 2 ran only the top 8 of round 1
+    units = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    second = {r["trajectory"] for r in units[1]["runs"]}
+    assert len(second) == 8 and {"planning, CoT", "planning, programming_solver, verifier", "CoT"} <= second
+    # resume: the finished question is not searched again
+    calls.clear()
+    again = search(problems, solver, messages=task.messages, check=scripted_checker(rates, 2, calls), config=config,
+                   out=tmp_path)[0]
+    assert calls == [] and again == summary
+
+
+def test_search_resumes_after_a_kill_between_rounds(backend, tmp_path):
+    from guidedecode.dots.search import SearchConfig, search
+
+    task, problems = _problems(1)
+    solver = scripted_backend(backend, _tagging_reply)
+    rates = {"CoT": 0.0, "programming_solver": 1.0}
+    config = SearchConfig(rounds=2, samples=1, temperature=0.7, max_new_tokens=24)
+    full = search(problems, solver, messages=task.messages, check=scripted_checker(rates, 1), config=config,
+                  out=tmp_path / "a")[0]
+    (tmp_path / "b").mkdir()
+    first_unit = (tmp_path / "a" / "runs.jsonl").read_text().splitlines()[0]
+    (tmp_path / "b" / "runs.jsonl").write_text(first_unit + "\n" + '{"torn": ')  # killed in round 2
+    calls = []
+    resumed = search(problems, solver, messages=task.messages, check=scripted_checker(rates, 1, calls),
+                     config=config, out=tmp_path / "b")[0]
+    assert calls == [8] and resumed == full and resumed["best"] == "programming_solver"
+
+
+@pytest.mark.parametrize("rate, status", [(1.0, "all_pass"), (0.0, "all_fail")])
+def test_search_drops_all_pass_and_all_fail_questions(backend, rate, status):
+    from guidedecode.dots.search import SearchConfig, search
+
+    task, problems = _problems(1)
+    solver = scripted_backend(backend, _tagging_reply)
+    config = SearchConfig(rounds=2, samples=1, temperature=0.7, max_new_tokens=24)
+    summary = search(problems, solver, messages=task.messages,
+                     check=scripted_checker({line: rate for line in ACTION_LINES}, 1), config=config)[0]
+    assert summary["status"] == status and summary["best"] is None and summary["runs"] == 12  # no round 2
+    assert set(summary["success"].values()) == {rate}
+
+
+def test_search_settings_are_validated():
+    from guidedecode.dots.search import PRESETS, SearchConfig
+
+    with pytest.raises(StrategyError, match="keep"):
+        SearchConfig(rounds=3, keep=(8,)).validate()
+    with pytest.raises(StrategyError, match="temperature"):
+        SearchConfig(temperature=0).validate()
+    assert PRESETS["paper"] == SearchConfig(rounds=2, samples=4, keep=(8, 3), temperature=0.4)
+
+
+def test_importance_selector_of_the_released_code():
+    from guidedecode.dots.search import importance_trajectory
+
+    runs = [{"trajectory": t.action_line, "score": t.uses_code} for t in ALL_TRAJECTORIES]
+    assert importance_trajectory(runs) == Trajectory("", "programming_solver", "")
+    assert importance_trajectory([{"trajectory": "CoT", "score": True}]) is None
+
+
+# ------------------------------------------------------------------------------- SFT and the pipeline
+
+
+def test_sft_records_in_both_formats_decode_to_the_best_trajectory():
+    from guidedecode.dots.planner import BEGIN_SOLVING
+    from guidedecode.training.dots import build_sft
+
+    kept = [{"id": "q1", "question": "What is 2+3?", "best": "planning, programming_solver",
+             "explanation": "Arithmetic is exact in code.", "first_turn": "```python\nprint(2+3)\n```"}]
+    external = build_sft(kept, format="external")[0]
+    assert decode_action_line(external["output"]).trajectory == Trajectory("planning", "programming_solver")
+    assert external["output"].endswith("Required Action: planning, programming_solver\n")
+    assert "What is 2+3?" in external["instruction"] and BEGIN_SOLVING not in external["instruction"]
+    internal = build_sft(kept, format="internal", upsample=3)
+    assert [r["id"] for r in internal] == ["q1#0", "q1#1", "q1#2"]
+    assert internal[0]["output"].endswith(f"{BEGIN_SOLVING}\n```python\nprint(2+3)\n```")
+    assert build_sft([{**kept[0], "first_turn": None}], format="internal") == []
+
+
+@pytest.mark.slow
+def test_train_planner_pipeline_search_explain_sft_train_and_resume(tokenizer, tmp_path):
+    from guidedecode.backends import HFBackend
+    from guidedecode.dots.search import SearchConfig
+    from guidedecode.models import load_model
+    from guidedecode.testing import tiny_model
+    from guidedecode.training.dots import DotsPlannerConfig, run_dots_pipeline
+
+    model = tiny_model("llama", seed=1, vocab_size=len(tokenizer))
+    solver = HFBackend(model, tokenizer, logits_processor=[ForcedReplies(tokenizer, _tagging_reply)])
+    explainer = HFBackend(model, tokenizer, logits_processor=[ForcedReplies(tokenizer, lambda p: "Words suffice.")])
+    rates = {"CoT": 1.0, "programming_solver": 0.5}
+    config = DotsPlannerConfig(questions=3, solver="tiny", explainer="explainer", epochs=2, batch_size=2,
+                               save_every=1, dev_fraction=0.34,
+                               search=SearchConfig(rounds=1, samples=2, keep=(), temperature=0.7, max_new_tokens=24))
+    kwargs = dict(models={"tiny": (model, tokenizer)}, backends={"tiny": solver, "explainer": explainer},
+                  check=scripted_checker(rates, 2))
+    metrics = run_dots_pipeline(config, tmp_path, **kwargs)
+    assert metrics["search"]["kept"] == 3 and metrics["search"]["best_counts"] == {"CoT": 3}
+    assert metrics["search"]["runs"] == 3 * 2 * 12
+    assert metrics["sft"]["records"] == 3 and metrics["sft"]["trajectories"] == {"CoT": 3}
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert all("Words suffice." in r["output"] for r in sft)
+    train = metrics["train"]
+    assert train["train_examples"] == 2 and train["dev_examples"] == 1 and train["lora"]
+    assert len(train["fit"]["history"]) == 2
+    # a rerun resumes everything: nothing is searched or trained again
+    again = run_dots_pipeline(config, tmp_path, **kwargs)
+    assert again["train"]["resumed_finished"] and again["search"] == metrics["search"]
+    # the trained planner loads as a plain HF model and plans under the constraint
+    planner = HFBackend(*load_model(tmp_path / "planner"))
+    result = DOTS(mode="external", planner=planner, plan_max_new_tokens=16, max_new_tokens=4).run(
+        HFBackend(model, tokenizer), [QUESTION])[0]
+    assert result.trace[0]["trajectory"] in ACTION_LINES
+    # other settings in the same directory are refused
+    from guidedecode.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="other settings"):
+        run_dots_pipeline(DotsPlannerConfig(**{**config.__dict__, "questions": 2}), tmp_path, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_planner_dispatches_method_dots():
+    from click.testing import CliRunner
+
+    from guidedecode.cli.main import app as cli
+
+    runner = CliRunner()
+    dots_help = runner.invoke(cli, ["train", "planner", "--method", "dots", "--help"])
+    assert dots_help.exit_code == 0 and "Algorithm 1" in dots_help.output and "--preset" in dots_help.output
+    tokens_help = runner.invoke(cli, ["train", "planner", "--help"])
+    assert tokens_help.exit_code == 0 and "--scheme" in tokens_help.output and "--method" in tokens_help.output
+    bad = runner.invoke(cli, ["train", "planner", "--method=dots", "--keep", "eight", "--out", "x"])
+    assert bad.exit_code != 0 and "--keep 'eight'" in (bad.output + str(bad.exception))

@@ -92,11 +92,13 @@ def _compiled(tokenizer, regex: str, trigger: str):
 class ActionLineGuide(TokenGuide):
     """Constrain every ``Required Action:`` line to one of ``choices`` (default: the 12 action lines).
 
-    ``lines_done(row)`` / ``self.state[row]["lines"]`` count the finished action lines of a row.
+    ``self.state[row]["lines"]`` counts the finished action lines of a row. ``stop_after_line=True``
+    forces EOS right after the first finished line (an external planner's reply ends there).
     """
 
     def __init__(self, tokenizer, *, trigger: str = ACTION_LINE_TRIGGER, choices: Sequence[str] = ACTION_LINES,
-                 eos_token_id=None, pad_token_id=None):
+                 stop_after_line: bool = False, eos_token_id=None, pad_token_id=None):
+        self.stop_after_line = stop_after_line
         if not trigger:
             raise GuideError("ActionLineGuide needs a non-empty trigger")
         self.tokenizer = tokenizer
@@ -146,6 +148,12 @@ class ActionLineGuide(TokenGuide):
         out = scores
         for row, s in enumerate(state):
             if not bool(active[row]):
+                continue
+            if self.stop_after_line and s["lines"] and self.eos_token_ids:
+                out = out.clone() if out is scores else out
+                eos = out[row, self.eos_token_ids[0]].clone()
+                out[row] = float("-inf")
+                out[row, self.eos_token_ids[0]] = eos if torch.isfinite(eos) else 0.0
                 continue
             if s["dfa"] is not None:
                 allowed = torch.tensor(self.index.get_allowed_tokens(s["dfa"]), dtype=torch.long, device=scores.device)

@@ -5,7 +5,8 @@ Three ways to get the trajectory p (:mod:`guidedecode.dots.actions`):
 * **fixed**: ``DOTS(trajectory="PoT")`` runs one trajectory for every question (the CoT / PoT
   baselines, and the trajectory search's runs);
 * **external**: a planner model writes ``(E, p) = LLM_p(Q)`` from :func:`~guidedecode.dots.planner.planner_prompt`
-  (generation stops after the action line), then the solver executes ``(R, y) = LLM_s(Q, p)``;
+  (with the constraint, the guide ends the reply right after the action line; unconstrained replies
+  are cut there), then the solver executes ``(R, y) = LLM_s(Q, p)``;
 * **internal**: the solver plans for itself, ``(E, p, R, y) = LLM_s(Q)``, in one reply that continues
   into the solution; the harness then supplies the follow-up turns.
 
@@ -32,7 +33,7 @@ Executing p (reference ``think_reply``, with the paper's verification loop):
 4. the last assistant message is the prediction.
 
 All questions advance in lockstep: each phase is one batched backend call. Every result carries a
-trace: a head ``{"trajectory", "source", "dialogue", "tokens"}`` (tokens per action) followed by
+trace: a head ``{"trajectory", "source", "dialogue", "first_turn", "tokens"}`` (tokens per action) followed by
 the events (plan, fallback, code runs with status/stdout/detail, verdicts).
 """
 
@@ -44,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from guidedecode.backends.base import Completion
-from guidedecode.dots.actions import ACTION_LINES, ACTION_LINE_TRIGGER, ActionLibrary, Trajectory
+from guidedecode.dots.actions import ACTION_LINE_TRIGGER, ActionLibrary, Trajectory
 from guidedecode.dots.actions import decode_action_line, parse_trajectory, verify
 from guidedecode.dots.planner import planner_prompt
 from guidedecode.errors import StrategyError
@@ -202,12 +203,12 @@ class DOTS(StepStrategy):
         backend = solver if internal or self.planner is None else self.planner
         prompts = [backend.chat_prompt(r.prefix + [{"role": "user", "content": planner_prompt(r.query, internal=internal)}])
                    for r in group]
-        stop = None if internal else [f"{ACTION_LINE_TRIGGER} {line}\n" for line in ACTION_LINES]
-        guide = _action_guide(backend) if self.constrain else None
+        guide = _action_guide(backend, stop_after_line=not internal) if self.constrain else None
         with _attached(backend, guide):
-            replies = self._generate(backend, prompts, max_new_tokens=None if internal else self.plan_max_new_tokens,
-                                     stop=stop)
+            replies = self._generate(backend, prompts, max_new_tokens=None if internal else self.plan_max_new_tokens)
         for run, reply in zip(group, replies):
+            if not internal:
+                reply = _cut_after_action_line(reply)
             self._take_plan(run, reply, internal)
 
     # --------------------------------------------------------------- state machine
@@ -319,15 +320,26 @@ class DOTS(StepStrategy):
     def _result(self, run: _Run) -> StrategyResult:
         head = {"trajectory": run.trajectory.action_line, "source": run.source, "mode": self.mode,
                 "dialogue": run.prefix + run.messages, "tokens": dict(run.tokens),
+                "first_turn": next((m["content"] for m in run.messages if m["role"] == "assistant"), None),
                 "code_attempts": run.code_attempts, "verify_rounds": run.verify_rounds}
         return StrategyResult(completion=run.final, trace=[head, *run.events],
                               generated_tokens=sum(run.tokens.values()), attempts=1)
 
 
-def _action_guide(backend):
+def _action_guide(backend, *, stop_after_line: bool):
     from guidedecode.dots.action_line import ActionLineGuide
 
-    return ActionLineGuide(backend.tokenizer)
+    return ActionLineGuide(backend.tokenizer, stop_after_line=stop_after_line)
+
+
+def _cut_after_action_line(reply: Completion) -> Completion:
+    """An external planner's reply ends with its first action line (unconstrained replies may go on)."""
+    at = reply.text.find(ACTION_LINE_TRIGGER)
+    end = reply.text.find("\n", at) if at >= 0 else -1
+    if end < 0 or end + 1 == len(reply.text):
+        return reply
+    return Completion(text=reply.text[: end + 1], token_ids=reply.token_ids, finish_reason=reply.finish_reason,
+                      info={**reply.info, "cut_after_action_line": True})
 
 
 @contextmanager

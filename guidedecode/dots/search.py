@@ -27,6 +27,7 @@ question one line of ``search.jsonl``; per-unit seeds make a resumed search writ
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +105,7 @@ def search(problems: Sequence, backend, *, messages: Callable, check: Callable[[
     from guidedecode.dots.executor import DOTS
 
     config.validate()
+    settings = json.loads(json.dumps(asdict(config)))
     runs_path = search_path = None
     done_units: dict[str, dict] = {}
     done_questions: dict[str, dict] = {}
@@ -113,6 +115,10 @@ def search(problems: Sequence, backend, *, messages: Callable, check: Callable[[
         runs_path, search_path = out / "runs.jsonl", out / "search.jsonl"
         done_units = {r["id"]: r for r in read_jsonl(runs_path)}
         done_questions = {r["id"]: r for r in read_jsonl(search_path)}
+        other = [r["id"] for r in done_questions.values() if r.get("settings") != settings]
+        if other:
+            raise StrategyError(f"{search_path} holds questions searched with other settings (e.g. {other[0]}): "
+                                "use a new output directory")
     strategy = DOTS(trajectory="CoT", temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                     max_verify_rounds=config.max_verify_rounds, code_timeout=config.code_timeout,
                     batch_size=batch_size or getattr(backend, "batch_size", 16))
@@ -161,7 +167,7 @@ def search(problems: Sequence, backend, *, messages: Callable, check: Callable[[
             "success": {t.action_line: question.success[t] for t in rank(question.success)},
             "runs": len(all_runs),
             "first_turn": winner[0]["first_turn"] if winner else None,
-            "settings": asdict(config),
+            "settings": settings,
         }
         if search_path is not None:
             append_jsonl(search_path, [summary])
@@ -181,10 +187,9 @@ def _run_unit(strategy, backend, question: _Question, candidates, round_: int, c
     runs = []
     for (trajectory, j), result, verdict in zip(jobs, results, verdicts):
         head = result.trace[0]
-        dialogue = head["dialogue"]
-        first = next((m["content"] for m in dialogue if m["role"] == "assistant"), "")
         runs.append({"trajectory": trajectory.action_line, "sample": j, "pred": result.completion.text,
-                     "score": bool(verdict), "first_turn": first, "dialogue": dialogue, "tokens": head["tokens"],
+                     "score": bool(verdict), "first_turn": head["first_turn"], "dialogue": head["dialogue"],
+                     "tokens": head["tokens"],
                      "events": [{k: v for k, v in e.items() if k != "stderr"} for e in result.trace[1:]]})
     return {"question": question.id, "round": round_, "seed": strategy.seed, "runs": runs}
 
