@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only these method labels")
     parser.add_argument("--name", default=None, help="result name (default evidence-<suite>-<task>[-<only>])")
     parser.add_argument("--out", default=None, help="run directories (default benchmarks/results/evidence/<suite>-<task>)")
+    parser.add_argument("--notes", default=None, help="provenance notes stored in the result JSON")
     args = parser.parse_args()
     if args.suite == "qsharp" and not args.value_model:
         parser.error("the qsharp suite needs --value-model")
@@ -139,13 +140,13 @@ def main() -> None:
         labels = [r["method"] + (f"\n({name}, oracle)" if o else "") for r, (name, _), o in zip(rows, figures, oracle)]
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_ylabel(f"accuracy (mean pass@1, 95% interval) on {args.task};\ngray: oracle solved@k (upper bound)")
+        ax.set_ylabel("accuracy (mean pass@1), 95% interval\ngray: oracle solved@k (upper bound)")
 
     name = args.name or f"evidence-{args.suite}-{args.task}" + ("-" + "-".join(args.only) if args.only else "")
     path = write_result(name, {"suite": args.suite, "task": args.task, "model": args.model, "limit": args.limit,
                                "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
                                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "rows": rows,
-                               "run_dirs": str(out_root)}, plot=plot)
+                               "run_dirs": str(out_root)}, plot=plot, notes=args.notes)
     print(f"wrote {path}")
 
 
