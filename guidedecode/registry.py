@@ -13,10 +13,21 @@ from collections.abc import Callable
 from guidedecode.errors import GuidedecodeError, ValidationError
 
 
-def _presence_penalty(tokenizer, alpha: float = 1.0):
+def _special_ids(tokenizer, model) -> dict:
+    """EOS and pad ids for a guide, from the one source ``HFBackend`` and the trainers use: the model's
+    generation-config EOS ids plus the tokenizer's (``eos_token_ids``); the pad id as ``HFBackend`` pads.
+    Inside ``generate`` a guide follows the ids of the running call anyway (``TokenGuide``)."""
+    from guidedecode.backends.hf import eos_token_ids
+
+    eos = list(eos_token_ids(model, tokenizer)) if model is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"eos_token_id": eos, "pad_token_id": pad}
+
+
+def _presence_penalty(tokenizer, alpha: float = 1.0, model=None):
     from guidedecode.guides import PresencePenalty
 
-    return PresencePenalty(alpha, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return PresencePenalty(alpha, **_special_ids(tokenizer, model))
 
 
 def _best_of_n(tokenizer, n: int = 8, temperature: float = 0.7, top_p: float = 1.0, scorer: str = "logprob",
@@ -131,16 +142,15 @@ def _unescape(text: str) -> str:
 
 
 def _qsharp(tokenizer, value_model: str = "", eta: float = 10.0, mode: str = "", top_k: int = 20, tail: str = "",
-            temperature: float = 1.0, top_p: float = 1.0, model=None):
+            model=None):
     """Q# with a trained value model directory (``guidedecode train qsharp``); ``mode=cd`` for CD,
     ``mode=fudge`` for FUDGE; ``tail=mask`` drops the tokens outside the top-k (a deviation from the paper).
-    ``temperature``/``top_p`` are the run's sampling settings, used for the KL accounting only."""
+    The KL accounting uses the temperature and top-p of the run (the guide reads them from ``generate``)."""
     from guidedecode.guides import QSharpGuide
 
     vm = _load_value_model(value_model, tokenizer, model, "guide 'qsharp'")
     return QSharpGuide(vm, eta=eta, mode=mode or None, top_k=top_k, tail=tail or None, tokenizer=tokenizer,
-                       temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+                       **_special_ids(tokenizer, model))
 
 
 def _load_value_model(directory: str, tokenizer, model, who: str):

@@ -48,13 +48,28 @@ def tiny_model(arch: str = "llama", seed: int = 0, *, vocab_size: int = 512, **o
     return model.eval()
 
 
+def tiny_tokenizer(vocab_size: int = 512, words: list[str] | None = None):
+    """A real word-level fast tokenizer that pairs with :func:`tiny_model`: ``<s>`` = 0 (BOS), ``</s>`` = 1
+    (EOS and pad, as in the tiny configs), ``<unk>`` = 2, then ``w3 .. w{vocab_size - 1}`` (or ``words``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(words) if words is not None else ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(3, vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
 def random_value_model(arch: str = "llama", head: str = "v", loss: str = "bce", num_atoms: int | None = None,
                        seed: int = 5, std: float = 0.5):
     """A :class:`~guidedecode.value_model.ValueModel` on a tiny random backbone with a random head
-    (``N(0, std^2)`` weights, deterministic in ``seed``): non-trivial offsets for guide tests."""
+    (``N(0, std^2)`` weights, deterministic in ``seed``): non-trivial offsets for guide tests. It records
+    the fingerprint of :func:`tiny_tokenizer`."""
     from guidedecode.value_model import ValueModel
 
-    vm = ValueModel.from_backbone(tiny_model(arch, seed=seed), head=head, loss=loss, num_atoms=num_atoms)
+    vm = ValueModel.from_backbone(tiny_model(arch, seed=seed), head=head, loss=loss, num_atoms=num_atoms,
+                                  tokenizer=tiny_tokenizer())
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         vm.head.weight.copy_(torch.randn(vm.head.weight.shape, generator=generator) * std)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from guidedecode.errors import GuideError, ModelLoadError
+from guidedecode.hf_compat import cache_argument, layer_is_croppable
 
 __all__ = ["ValueModelConfig", "ValueModel", "ValueState", "tokenizer_fingerprint"]
 
@@ -161,6 +162,22 @@ def _truncated(base, num_layers: int):
     return copied
 
 
+def _saved_tokenizer(model):
+    """The tokenizer saved with ``model`` (its ``name_or_path`` directory), or a GuideError asking for one."""
+    from guidedecode.models import load_tokenizer
+
+    path = str(getattr(model, "name_or_path", "") or "")
+    if path and Path(path).is_dir():
+        try:
+            return load_tokenizer(path)
+        except ModelLoadError:
+            pass
+    raise GuideError(
+        "ValueModel.from_backbone needs tokenizer= (the reference model's tokenizer): its fingerprint is "
+        "recorded so that a tokenizer with another id mapping is refused later, and this backbone has no saved "
+        f"tokenizer (name_or_path {path!r})")
+
+
 def _fsync_replace(tmp: str, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
@@ -180,6 +197,7 @@ class ValueModel(torch.nn.Module):
         dtype = next(backbone.parameters()).dtype
         device = next(backbone.parameters()).device
         self.head = torch.nn.Linear(hidden, out, bias=False, dtype=dtype, device=device)
+        self._cache_argument = cache_argument(backbone)
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -192,9 +210,14 @@ class ValueModel(torch.nn.Module):
         ``init="reuse"``), a bare base model (e.g. ``LlamaModel``), or a name for
         :func:`guidedecode.load_model`. ``init``: ``"zero"`` (default; the first collection round),
         ``"reuse"`` (Q only: copies the LM head, the same rows for every atom) or ``"normal"`` (std 0.02).
-        ``tokenizer`` records its fingerprint for :meth:`check_tokenizer`. ``num_layers`` keeps only the
-        first that many decoder layers (then the final norm): a smaller, cheaper value model that shares
-        the reference's embeddings and tokenizer (Q♯ guides a large model with a small one).
+        A zero head is untrained, not neutral: every candidate gets ``z = 0`` (p = 1/2), so Q♯ adds the same
+        offset ``log((1 + e^eta) / 2)`` to all top-k tokens, boosting the top-k against the tail.
+        ``tokenizer``: the reference model's tokenizer; its fingerprint is recorded so that
+        :meth:`check_tokenizer` refuses one with another id mapping. Without it the tokenizer saved with the
+        backbone (its local ``name_or_path``) is used, and a backbone without one is an error.
+        ``num_layers`` keeps only the first that many decoder layers (then the final norm): a smaller,
+        cheaper value model that shares the reference's embeddings and tokenizer (Q♯ guides a large model
+        with a small one).
         ``generator``: the (CPU) random generator of ``init="normal"``; pass a seeded one for a head that
         does not depend on the global random state (the trainer does, so a resumed run is identical).
         """
@@ -209,6 +232,8 @@ class ValueModel(torch.nn.Module):
             raise GuideError(f"unknown head init '{init}': choose one of {', '.join(INITS)}")
         if num_atoms is None:
             num_atoms = DEFAULT_MLE_ATOMS if loss == "mle" else 1
+        if tokenizer is None:
+            tokenizer = _saved_tokenizer(model)
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         base = getattr(model, "base_model", model)
         if num_layers is not None:
@@ -216,7 +241,7 @@ class ValueModel(torch.nn.Module):
         embeddings = base.get_input_embeddings()
         config = ValueModelConfig(
             head=head, loss=loss, num_atoms=num_atoms, vocab_size=int(embeddings.num_embeddings),
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             backbone_config=json.loads(base.config.to_json_string(use_diff=False)),
         )
         config.validate()
@@ -411,8 +436,8 @@ class ValueModel(torch.nn.Module):
 
     # ------------------------------------------------------------------------------------------ inference
     def _forward(self, ids, mask, positions, cache):
-        return self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True)
+        return self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self._cache_argument: cache})
 
     @torch.no_grad()
     def start(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ValueState:
@@ -424,8 +449,8 @@ class ValueModel(torch.nn.Module):
         self._check_ids(ids, "prompts")
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
         cache = DynamicCache(config=self.backbone.config)
-        out = self._forward(ids, mask, _positions(mask), cache)
-        return ValueState(cache=out.past_key_values, mask=mask, next_pos=mask.sum(-1),
+        out = self._forward(ids, mask, _positions(mask), cache)  # fills `cache` in place
+        return ValueState(cache=cache, mask=mask, next_pos=mask.sum(-1),
                           last_hidden=out.last_hidden_state[:, -1], length=ids.shape[1])
 
     @torch.no_grad()
@@ -461,7 +486,7 @@ class ValueModel(torch.nn.Module):
         attn = getattr(self.backbone.config, "_attn_implementation", None)
         layers = getattr(cache, "layers", None)
         return (attn in ("sdpa", "eager") and layers is not None
-                and all(layer.is_croppable and not layer.is_sliding for layer in layers))
+                and all(layer_is_croppable(layer) and not layer.is_sliding for layer in layers))
 
     def _candidates_masked(self, state: ValueState, cand: torch.Tensor) -> torch.Tensor:
         """All ``k`` candidates as ``k`` query tokens of each row at position ``L``: a 4D mask lets each see

@@ -9,7 +9,7 @@ from transformers import LogitsProcessor
 from guidedecode.errors import GuideError
 from guidedecode.guides.qsharp import QSharpGuide, qsharp_offsets
 from guidedecode.backends.hf import left_pad as pad_rows
-from guidedecode.testing import brute_value, random_value_model, tiny_model
+from guidedecode.testing import brute_value, random_value_model, tiny_model, tiny_tokenizer
 from guidedecode.value_model import ValueModel
 
 EOS = PAD = 1  # tiny models
@@ -377,9 +377,145 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(GuideError, match="value model produced NaN"):
         ref.generate(ids, logits_processor=[guide], do_sample=False, max_new_tokens=2, pad_token_id=PAD)
 
-    small = ValueModel.from_backbone(tiny_model("llama", seed=1, vocab_size=300))
+    small = ValueModel.from_backbone(tiny_model("llama", seed=1, vocab_size=300), tokenizer=tiny_tokenizer(300))
     guide = QSharpGuide(small, top_k=5, eos_token_id=EOS, pad_token_id=PAD)
     with pytest.raises(GuideError, match="value model knows only 300"):
         ref.generate(ids, logits_processor=[guide], do_sample=False, max_new_tokens=2, pad_token_id=PAD)
     with pytest.raises(GuideError, match="sequence_kl"):
         QSharpGuide(vm).sequence_kl()
+
+
+# ---------------------------------------------------------------------------------------------- settings from generate
+def brute_kls(before, after, sequences, width, eos, T, top_p):
+    """Per-row Σ KL(softmax(g/T) || softmax(l/T)) and Σ KL(TopP(softmax(g/T)) || softmax(l/T)) over the steps
+    at which a row is alive (not yet past one of ``eos``), from the recorded scores around the guide."""
+    rows = sequences.shape[0]
+    total, sampled = [0.0] * rows, [0.0] * rows
+    for step, ((_, l), (_, g)) in enumerate(zip(before.seen, after.seen)):
+        for row in range(rows):
+            if set(sequences[row, width:width + step].tolist()) & set(eos):
+                continue
+            reference = torch.softmax(l[row].double() / T, -1)
+            total[row] += kl(torch.softmax(g[row].double() / T, -1), reference)
+            sampled[row] += kl(top_p_probs(g[row].double() / T, top_p), reference)
+    return torch.tensor(total, dtype=torch.float64), torch.tensor(sampled, dtype=torch.float64)
+
+
+def test_rows_finish_on_every_eos_id_generate_stops_on():
+    """Issue 8.1: the guide was given only the tokenizer's EOS (as the registry did) while generate stops on a
+    second EOS id too: the row that stops on it must stop being guided and adding KL (before: it kept feeding
+    pad tokens to the value model and its KL kept growing)."""
+    T, top_p, k, stop_token = 0.7, 0.8, 7, 77
+    ref = tiny_model("llama", seed=0)
+    vm = random_value_model("llama", "q", seed=8)
+    ids, mask = left_pad([[5, 9, 33, 2, 8], [40, 3]])
+    width = ids.shape[1]
+
+    class ForceStop(LogitsProcessor):  # row 1 emits the second EOS id at its 2nd step
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - width == 1:
+                scores[1, stop_token] = 1e4
+            return scores
+
+    before, after = Recorder(), Recorder()
+    guide = QSharpGuide(vm, eta=6.0, top_k=k, eos_token_id=EOS, pad_token_id=PAD, temperature=T, top_p=top_p)
+    torch.manual_seed(5)
+    out = ref.generate(ids, attention_mask=mask, logits_processor=[ForceStop(), before, guide, after], do_sample=True,
+                       temperature=T, top_p=top_p, top_k=0, max_new_tokens=6, pad_token_id=PAD,
+                       eos_token_id=[EOS, stop_token])
+    assert out[1, width + 1] == stop_token and out.shape[1] == width + 6  # row 0 ran on, row 1 stopped
+    kl_before, kl_sample = brute_kls(before, after, out, width, [EOS, stop_token], T, top_p)
+    got = guide.sequence_kl()
+    torch.testing.assert_close(got["kl"].double(), kl_before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["kl_sample"].double(), kl_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_uses_the_sampling_settings_generate_applies():
+    """Issue 8.2: a guide given no temperature/top-p accounts with the ones generate applies (before: T = 1,
+    top-p 1 while generate sampled at 0.7 / 0.8); scores and KL equal the brute force at generate's settings."""
+    T, top_p, k = 0.7, 0.8, 7
+    ref = tiny_model("llama", seed=0)
+    vm = random_value_model("llama", "v", seed=8)
+    ids, mask = left_pad([[5, 9, 33, 2, 8], [40, 3]])
+    width = ids.shape[1]
+    before, after = Recorder(), Recorder()
+    guide = QSharpGuide(vm, eta=4.0, top_k=k, pad_token_id=PAD)
+    torch.manual_seed(3)
+    out = ref.generate(ids, attention_mask=mask, logits_processor=[before, guide, after], do_sample=True,
+                       temperature=T, top_p=top_p, top_k=0, max_new_tokens=5, pad_token_id=PAD, eos_token_id=EOS)
+    assert (guide.temperature, guide.top_p) == (T, top_p)
+    kl_before, kl_sample = brute_kls(before, after, out, width, [EOS], T, top_p)
+    got = guide.sequence_kl()
+    torch.testing.assert_close(got["kl"].double(), kl_before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["kl_sample"].double(), kl_sample, atol=1e-5, rtol=1e-5)
+    # the same guide in a greedy call: no warpers, so T = 1 and no nucleus
+    ref.generate(ids, attention_mask=mask, logits_processor=[guide], do_sample=False, max_new_tokens=2,
+                 pad_token_id=PAD)
+    assert (guide.temperature, guide.top_p) == (1.0, 1.0)
+
+
+def test_sampling_settings_that_differ_from_generate_are_refused():
+    """Issue 8.2: omitting top_k=0 (HF's default top-50 truncates after the guide), a guide temperature or
+    top-p other than generate's, or another transformers warper after the guide: a clear error, not a KL
+    computed for a distribution that was not sampled."""
+    ref = tiny_model("llama", seed=0)
+    vm = random_value_model()
+    ids, mask = left_pad([[5, 9, 33, 2, 8], [40, 3]])
+    common = dict(attention_mask=mask, do_sample=True, max_new_tokens=2, pad_token_id=PAD)
+
+    def run(guide, **kwargs):
+        return ref.generate(ids, logits_processor=[guide], **{**common, **kwargs})
+
+    with pytest.raises(GuideError, match="top_k=50: pass top_k=0"):
+        run(QSharpGuide(vm, pad_token_id=PAD, temperature=0.8, top_p=0.9), temperature=0.8, top_p=0.9)
+    with pytest.raises(GuideError, match="given temperature=0.5 but generate applies temperature=0.8"):
+        run(QSharpGuide(vm, pad_token_id=PAD, temperature=0.5), temperature=0.8, top_k=0)
+    with pytest.raises(GuideError, match="given top_p=0.9 but generate applies top_p=1.0"):
+        run(QSharpGuide(vm, pad_token_id=PAD, temperature=0.8, top_p=0.9), temperature=0.8, top_k=0)
+    with pytest.raises(GuideError, match="MinPLogitsWarper"):
+        run(QSharpGuide(vm, pad_token_id=PAD), top_k=0, min_p=0.1)
+    guide = QSharpGuide(vm, pad_token_id=PAD, temperature=0.8, top_p=0.9)  # the same settings: accepted
+    run(guide, temperature=0.8, top_p=0.9, top_k=0)
+    assert guide.sequence_kl()["kl_sample"].shape == (2,)
+
+
+def test_left_padded_prompts_are_masked_with_the_pad_id_generate_uses():
+    """Issue 8.3: a guide given no pad id (nor a tokenizer) in a left-padded generate takes generate's pad id:
+    the first step's offsets equal the brute force on the unpadded prompts (before: pads were fed to the
+    value model). Outside generate, differing prompts with no pad id known are refused."""
+    ref = tiny_model("llama", seed=0)
+    vm = random_value_model("llama", "v", seed=6)
+    prompts = [[5, 9, 33, 2, 8], [40, 3]]
+    ids, mask = left_pad(prompts)
+    k = 5
+    before, after = Recorder(), Recorder()
+    guide = QSharpGuide(vm, eta=3.0, top_k=k)
+    ref.generate(ids, attention_mask=mask, logits_processor=[before, guide, after], do_sample=False,
+                 max_new_tokens=1, pad_token_id=PAD, eos_token_id=EOS)
+    (_, l), (_, g) = before.seen[0], after.seen[0]
+    for row, prompt in enumerate(prompts):
+        expected = l[row].double().clone()
+        for token, o in brute_offsets(vm, prompt, l[row], k, 3.0, "bernoulli").items():
+            expected[token] += o
+        torch.testing.assert_close(g[row].double(), expected, atol=1e-4, rtol=1e-5)
+    with pytest.raises(GuideError, match="knows no pad token id"):
+        QSharpGuide(vm, eta=3.0, top_k=k)(ids, torch.randn(2, 512))
+    QSharpGuide(vm, eta=3.0, top_k=k)(ids[:1].repeat(2, 1), torch.randn(2, 512))  # identical rows: no padding
+    assert QSharpGuide(vm, tokenizer=tiny_tokenizer()).pad_token_id == 1  # the tokenizer's pad id
+
+
+def test_registry_guides_get_the_eos_ids_of_the_backend(tmp_path):
+    """Issue 8.1, one source: guides built by name (``guidedecode eval`` / ``generate``) get the model's
+    generation-config EOS ids plus the tokenizer's, the set HFBackend stops on (before: the tokenizer's only)."""
+    from guidedecode.backends import HFBackend
+    from guidedecode.registry import build_guide
+
+    ref, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    ref.generation_config.eos_token_id = [EOS, 77]
+    random_value_model().save_pretrained(tmp_path / "vm")
+    qsharp = build_guide("qsharp", tokenizer, {"value_model": str(tmp_path / "vm")}, context={"model": ref})
+    penalty = build_guide("presence-penalty", tokenizer, {"alpha": "1.0"}, context={"model": ref})
+    backend = HFBackend(ref, tokenizer)
+    assert backend.eos_token_ids == (EOS, 77)
+    assert qsharp.eos_token_ids == penalty.eos_token_ids == backend.eos_token_ids
+    assert qsharp.pad_token_id == penalty.pad_token_id == backend.pad_token_id == PAD

@@ -404,11 +404,12 @@ def test_resume_after_interrupted_collection_and_training(tiny_dir, tmp_path, ta
 @pytest.mark.parametrize("head,loss", [("v", "mse"), ("q", "bce"), ("q", "mle")])
 def test_training_fits_a_learnable_label(tmp_path, head, loss):
     """Label = 1 iff token 7 is among the targets; training lowers the loss on that data."""
-    from guidedecode.testing import tiny_model
+    from guidedecode.testing import tiny_model, tiny_tokenizer
     from guidedecode.value_model import ValueModel
 
     value_model = ValueModel.from_backbone(tiny_model("llama", seed=2, vocab_size=64), head=head, loss=loss,
-                                           num_atoms=3 if loss == "mle" else None, init="zero")
+                                           num_atoms=3 if loss == "mle" else None, init="zero",
+                                           tokenizer=tiny_tokenizer(64))
     rng = random.Random(0)
     examples = []
     for i in range(12):

@@ -7,10 +7,11 @@ import torch
 
 from guidedecode.errors import GuideError, ModelLoadError
 from guidedecode.backends.hf import left_pad as pad_rows
-from guidedecode.testing import brute_value, random_value_model, tiny_model
+from guidedecode.testing import brute_value, random_value_model, tiny_model, tiny_tokenizer
 from guidedecode.value_model import ValueModel, ValueModelConfig, tokenizer_fingerprint
 
 PAD = 1
+TOK = tiny_tokenizer()  # the tokenizer every tiny 512-token model pairs with
 
 
 def left_pad(prompts):
@@ -94,7 +95,7 @@ def test_select_duplicates_rows():
 def test_q_head_reuse_init_reproduces_the_lm_head():
     """init='reuse': Q(prefix, v) = the reference model's logit of v after the prefix (each atom)."""
     ref = tiny_model("llama", seed=3)
-    vm = ValueModel.from_backbone(ref, head="q", loss="mle", num_atoms=3, init="reuse")
+    vm = ValueModel.from_backbone(ref, head="q", loss="mle", num_atoms=3, init="reuse", tokenizer=TOK)
     ids = torch.tensor([[5, 9, 33, 2, 8]])
     with torch.no_grad():
         logits = ref(ids).logits[0]
@@ -204,31 +205,31 @@ def test_tokenizer_with_same_length_but_different_mapping_is_refused(tmp_path):
 def test_bad_configurations_are_refused():
     model = tiny_model("llama", seed=1)
     with pytest.raises(GuideError, match="unknown value head"):
-        ValueModel.from_backbone(model, head="x")
+        ValueModel.from_backbone(model, head="x", tokenizer=TOK)
     with pytest.raises(GuideError, match="unknown value loss"):
-        ValueModel.from_backbone(model, loss="hinge")
+        ValueModel.from_backbone(model, loss="hinge", tokenizer=TOK)
     with pytest.raises(GuideError, match="num_atoms must be 1"):
-        ValueModel.from_backbone(model, loss="bce", num_atoms=3)
+        ValueModel.from_backbone(model, loss="bce", num_atoms=3, tokenizer=TOK)
     with pytest.raises(GuideError, match="needs num_atoms >= 2"):
-        ValueModel.from_backbone(model, loss="mle", num_atoms=1)
+        ValueModel.from_backbone(model, loss="mle", num_atoms=1, tokenizer=TOK)
     with pytest.raises(GuideError, match="V head takes"):
-        ValueModel.from_backbone(model, head="v", init="reuse")
+        ValueModel.from_backbone(model, head="v", init="reuse", tokenizer=TOK)
     with pytest.raises(GuideError, match="bare base model"):
-        ValueModel.from_backbone(model.model, head="q", init="reuse")
+        ValueModel.from_backbone(model.model, head="q", init="reuse", tokenizer=TOK)
     with pytest.raises(GuideError, match="unknown head init"):
-        ValueModel.from_backbone(model, init="xavier")
+        ValueModel.from_backbone(model, init="xavier", tokenizer=TOK)
     with pytest.raises(GuideError, match="v_max must exceed"):
         ValueModelConfig(loss="mle", num_atoms=3, v_min=1.0, v_max=1.0, vocab_size=8).validate()
-    vm = ValueModel.from_backbone(model.model, head="q")  # a bare LlamaModel works as a backbone
+    vm = ValueModel.from_backbone(model.model, head="q", tokenizer=TOK)  # a bare LlamaModel works as a backbone
     assert vm.head.weight.shape == (512, 64) and vm.head.weight.abs().sum() == 0
-    assert ValueModel.from_backbone(model, loss="mle").config.num_atoms == 11
+    assert ValueModel.from_backbone(model, loss="mle", tokenizer=TOK).config.num_atoms == 11
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_truncated_backbone_equals_the_first_layers_of_the_full_model(tmp_path, arch):
     layers = {"n_layer": 3} if arch == "gpt2" else {"num_hidden_layers": 3}
     model = tiny_model(arch, seed=5, **layers)
-    vm = ValueModel.from_backbone(model, head="v", init="normal", num_layers=2)
+    vm = ValueModel.from_backbone(model, head="v", init="normal", num_layers=2, tokenizer=TOK)
     ids = torch.randint(2, 500, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding
@@ -246,12 +247,12 @@ def test_truncated_backbone_equals_the_first_layers_of_the_full_model(tmp_path, 
     with torch.no_grad():
         assert torch.equal(loaded.token_logits(ids, mask), got)
     with pytest.raises(GuideError, match="num_layers"):
-        ValueModel.from_backbone(model, num_layers=4)
+        ValueModel.from_backbone(model, num_layers=4, tokenizer=TOK)
 
 
 def test_freeze_backbone_trains_only_the_head_and_top_layers():
     model = tiny_model("llama", seed=2, num_hidden_layers=3)
-    vm = ValueModel.from_backbone(model, head="v", init="normal")
+    vm = ValueModel.from_backbone(model, head="v", init="normal", tokenizer=TOK)
     before = {name: p.detach().clone() for name, p in vm.named_parameters()}
     trainable = vm.freeze_backbone(1)
     optimizer = torch.optim.SGD(trainable, lr=0.1)
@@ -265,3 +266,57 @@ def test_freeze_backbone_trains_only_the_head_and_top_layers():
     assert len(vm.freeze_backbone(None)) == len(list(vm.parameters()))
     with pytest.raises(GuideError, match="trainable_layers"):
         vm.freeze_backbone(4)
+
+
+def test_from_backbone_takes_the_saved_tokenizer_or_requires_one(tmp_path):
+    """Without tokenizer= the fingerprint comes from the tokenizer saved with the backbone; a backbone with
+    none is refused (before: an empty fingerprint, so a permuted tokenizer was accepted later)."""
+    words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(3, 512)]
+    permuted = words[:3] + words[4:5] + words[3:4] + words[5:]
+    model = tiny_model("llama", seed=1)
+    with pytest.raises(GuideError, match="needs tokenizer="):
+        ValueModel.from_backbone(model)
+    model.save_pretrained(tmp_path / "ref")
+    tiny_tokenizer(words=words).save_pretrained(tmp_path / "ref")
+    from guidedecode.models import load_model
+
+    saved, tokenizer = load_model(tmp_path / "ref")
+    vm = ValueModel.from_backbone(saved)  # no tokenizer=: the one in the model's directory
+    assert vm.config.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer) != ""
+    vm.check_tokenizer(tiny_tokenizer(words=words))
+    with pytest.raises(GuideError, match="tokenizer mismatch"):
+        vm.check_tokenizer(tiny_tokenizer(words=permuted))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_value_model_passes_the_cache_under_the_supported_name(arch):
+    """transformers 5.24 deprecates forward(past_key_values=...) for cache= (removal announced for 5.40):
+    every backbone forward of the inference path uses the name the installed forward declares."""
+    import inspect
+
+    vm = random_value_model(arch, "v")
+    declared = inspect.signature(vm.backbone.forward).parameters
+    expected = "cache" if "cache" in declared else "past_key_values"
+    seen = []
+    vm.backbone.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    ids, mask = left_pad([[5, 9, 33], [40, 3]])
+    state = vm.start(ids, mask)
+    vm.advance(state, torch.tensor([7, 8]))
+    vm.candidate_logits(state, torch.tensor([[3, 4], [5, 6]]))
+    assert len(seen) == 3 and all(expected in keys for keys in seen)
+    if expected == "cache":
+        assert not any("past_key_values" in keys for keys in seen)
+
+
+def test_installed_transformers_is_inside_the_pinned_range():
+    """pyproject pins the transformers releases the suite was run with; the installed one must be among them."""
+    import tomllib
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    (pin,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "transformers"]
+    assert pin.specifier.contains(transformers.__version__), (pin, transformers.__version__)
+    assert not pin.specifier.contains("5.40.0")  # the release that removes what 5.24 deprecates

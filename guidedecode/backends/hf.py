@@ -23,6 +23,7 @@ from guidedecode.backends.base import BackendStats, Completion, ContinuationScor
 from guidedecode.backends.text import TokenizerPrompts, stop_list as _stop_list
 from guidedecode import validation
 from guidedecode.errors import StrategyError
+from guidedecode.hf_compat import cache_argument
 from guidedecode.kernels.logprobs import linear_target_logprobs, target_logprobs
 
 
@@ -279,9 +280,9 @@ class HFBackend(TokenizerPrompts):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
         )
+        inputs[cache_argument(self.model)] = cache  # `cache=` from transformers 5.24, `past_key_values=` before
         self.stats.forward_passes += 1
         if plan.fused:
             out = self.model.base_model(**inputs).last_hidden_state

@@ -9,6 +9,9 @@ bookkeeping that HF ``generate`` leaves to processors:
 * left padding: leading ``pad_token_id`` positions are masked out of the prompt;
 * rows that finish early (EOS emitted, then padding appended) are marked finished and no longer
   advanced or adjusted;
+* inside ``generate`` the EOS ids are the ones ``generate`` stops on and a missing pad id is the one it
+  pads with (read from the running call, :mod:`guidedecode.guides.generate_call`), so a guide never keeps
+  adjusting a row that ``generate`` has finished;
 * ``num_return_sequences`` just means more rows;
 * beam search reorders rows between steps: state is keyed on token *content*, never on row index,
   so each new row is matched to the previous row that is its prefix (``select_state``).
@@ -35,6 +38,7 @@ import torch
 from transformers import LogitsProcessor
 
 from guidedecode.errors import GuideError
+from guidedecode.guides.generate_call import find_generate_call
 
 
 class TokenGuide(LogitsProcessor):
@@ -76,6 +80,8 @@ class TokenGuide(LogitsProcessor):
     def reset(self) -> None:
         """Forget all rows; the next call starts a new generation."""
         self.state: Any = None
+        self.generate_call = None  # the GenerateCall running this generation (None: called directly)
+        self._eos, self._pad = self.eos_token_ids, self.pad_token_id  # the ids in force for this generation
         self.finished: torch.BoolTensor | None = None
         self._previous_ids: torch.LongTensor | None = None
         self.steps = 0
@@ -102,6 +108,7 @@ class TokenGuide(LogitsProcessor):
                 rows = _match_rows(prefix, previous)
         if rows is None:  # a new generation
             self.reset()
+            self._follow_generate(find_generate_call(self))
             self.state = self.init_state(input_ids, self._prompt_mask(input_ids))
             self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         else:
@@ -111,17 +118,27 @@ class TokenGuide(LogitsProcessor):
             tokens = input_ids[:, -1]
             alive = ~self.finished
             self.state = self.update_state(self.state, tokens, alive)
-            if self.eos_token_ids:
-                eos = torch.tensor(self.eos_token_ids, device=tokens.device)
+            if self._eos:
+                eos = torch.tensor(self._eos, device=tokens.device)
                 self.finished = self.finished | (alive & torch.isin(tokens, eos))
             self.steps += 1
         self._previous_ids = input_ids.clone()
 
+    def _follow_generate(self, call) -> None:
+        """Take the EOS ids ``generate`` stops on (they replace the given ones) and, when no pad id was given,
+        the one it pads with."""
+        self.generate_call = call
+        eos = call.eos_token_ids() if call is not None else None
+        self._eos = self.eos_token_ids if eos is None else eos
+        self._pad = self.pad_token_id
+        if self._pad is None and call is not None:
+            self._pad = call.pad_token_id()
+
     def _prompt_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """True for real prompt tokens: everything after the leading run of pad tokens."""
-        if self.pad_token_id is None:
+        if self._pad is None:
             return torch.ones_like(input_ids, dtype=torch.bool)
-        is_pad = input_ids == self.pad_token_id
+        is_pad = input_ids == self._pad
         leading = torch.cumprod(is_pad.long(), dim=1).bool()
         return ~leading
 

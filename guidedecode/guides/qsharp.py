@@ -23,7 +23,10 @@ The offsets-add and the KL accounting run in one pass of :func:`guidedecode.kern
 the EOS step included) the guide adds ``KL(softmax((l+o)/T) || softmax(l/T))`` to ``kl`` and the KL of the
 distribution actually sampled, ``TopP(softmax((l+o)/T))`` (spec §8: ``eta = 0`` still gives
 ``-log(nucleus mass) > 0``), to ``kl_sample``; :meth:`QSharpGuide.sequence_kl` returns both per row.
-``temperature`` and ``top_p`` given to the guide serve this accounting only; they must match ``generate``'s.
+Inside ``generate`` the guide reads the temperature and top-p that ``generate`` applies after it (its
+:class:`~guidedecode.guides.generate_call.GenerateCall`), so the sampling settings live in one place; a
+``temperature``/``top_p`` given to the guide must equal them, and any other warper after the guide (HF's
+default top-50 when ``top_k=0`` is not passed, min-p, ...) is an error instead of a silently wrong KL.
 """
 
 from __future__ import annotations
@@ -123,14 +126,18 @@ class QSharpGuide(TokenGuide):
     ``tail``: ``"zero"`` (the reference: tokens outside ``C`` keep their logit) or ``"mask"`` (a deliberate
     deviation: guided rows sample from ``C`` only; ``fudge`` mode implies it). With ``"mask"`` the KL uses
     ``KL(π_g || π_ref) = KL(π_g || π_ref|C) - log π_ref(C)``, ``π_ref|C`` the reference renormalised on ``C``.
-    Use it as ``model.generate(..., logits_processor=[guide], top_k=0)``. Give ``pad_token_id`` (or
-    ``tokenizer``) for left-padded batches: the guide finds each row's prompt by its leading pad tokens.
+    Use it as ``model.generate(..., logits_processor=[guide], do_sample=True, temperature=T, top_p=p,
+    top_k=0)``: the KL accounting uses the ``T`` and ``p`` that ``generate`` applies (``temperature`` /
+    ``top_p`` given here are checked against them; called outside ``generate`` they default to 1).
+    The guide finds each row's prompt by its leading pad tokens: the pad id is ``pad_token_id``, else the
+    ``tokenizer``'s, else the one ``generate`` pads with; a batch whose prompts differ with no pad id known is
+    refused. Rows finish on the EOS ids ``generate`` stops on (``eos_token_id`` / the tokenizer's outside it).
     Rows are tracked by content (:class:`TokenGuide`), so sampling, greedy, ``num_return_sequences``, rows
     that finish early and beam search (reordered rows: :meth:`ValueModel.select`) are all supported.
     """
 
     def __init__(self, value_model: ValueModel, *, eta=None, kl_coef: float | None = None, mode: str | None = None,
-                 top_k: int = 20, tokenizer=None, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 20, tokenizer=None, temperature: float | None = None, top_p: float | None = None,
                  tail: str | None = None, eos_token_id=None, pad_token_id: int | None = None):
         if not isinstance(value_model, ValueModel):
             raise GuideError(f"QSharpGuide needs a guidedecode ValueModel, got {type(value_model).__name__}")
@@ -160,9 +167,10 @@ class QSharpGuide(TokenGuide):
             raise GuideError(f"top_k must be a positive number of candidates or -1 (whole vocabulary), got {top_k!r}")
         if top_k > config.vocab_size:
             raise GuideError(f"top_k={top_k} exceeds the vocabulary size {config.vocab_size}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0
+                                            and math.isfinite(temperature)):
             raise GuideError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise GuideError(f"top_p must be in (0, 1], got {top_p!r}")
         if tokenizer is not None:
             value_model.check_tokenizer(tokenizer)
@@ -174,8 +182,9 @@ class QSharpGuide(TokenGuide):
         self.mode = mode
         self.tail = tail
         self.top_k = top_k
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
+        self._given_sampling = {"temperature": temperature, "top_p": top_p}
+        self.temperature = 1.0 if temperature is None else float(temperature)  # in force: see _follow_sampling
+        self.top_p = 1.0 if top_p is None else float(top_p)
         self.atoms = config.atoms() if mode == "mle" else None
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
@@ -210,6 +219,9 @@ class QSharpGuide(TokenGuide):
 
     def init_state(self, prompt_ids, prompt_mask):
         rows = prompt_ids.shape[0]
+        if self._pad is None and rows > 1 and not bool((prompt_ids == prompt_ids[:1]).all()):
+            raise GuideError("QSharpGuide got prompts that differ (so they may be left-padded) but knows no pad "
+                             "token id: give pad_token_id= or tokenizer=, or pass pad_token_id to generate")
         eta = self._row_eta(rows, prompt_ids.device)
         value = None
         if bool((eta > 0).any()):
@@ -231,6 +243,8 @@ class QSharpGuide(TokenGuide):
         if self.steps == 0 and vocab > self.value_model.config.vocab_size:
             raise GuideError(f"the reference model scores {vocab} tokens but the value model knows only "
                              f"{self.value_model.config.vocab_size}")
+        if self.steps == 0:
+            self._follow_sampling(vocab)
         if self.top_k > vocab:
             raise GuideError(f"top_k={self.top_k} exceeds the reference vocabulary size {vocab}")
         top_p = None if self.top_p >= 1.0 else self.top_p
@@ -262,6 +276,19 @@ class QSharpGuide(TokenGuide):
         state.kl += torch.where(active, stats.kl, zero)
         state.kl_sample += torch.where(active, stats.kl if top_p is None else stats.kl_top_p, zero)
         return result
+
+    def _follow_sampling(self, vocab: int) -> None:
+        """Put in force the temperature and top-p that ``generate`` applies after the guide; a setting given to
+        the guide that differs, or another warper there, is a GuideError (never a silently wrong KL)."""
+        if self.generate_call is None:  # called directly: the given settings (default 1) are the caller's
+            return
+        applied = dict(zip(("temperature", "top_p"), self.generate_call.sampling(vocab, "QSharpGuide")))
+        for name, value in applied.items():
+            given = self._given_sampling[name]
+            if given is not None and not math.isclose(given, value, rel_tol=1e-6):
+                raise GuideError(f"QSharpGuide was given {name}={given} but generate applies {name}={value} after "
+                                 f"it: pass the same {name} to both, or leave it out of the guide")
+        self.temperature, self.top_p = applied["temperature"], applied["top_p"]
 
     def _masked(self, scores, candidates, offsets, top_p):
         """``tail="mask"``: guided logits ``l + o`` on ``C`` and ``-inf`` elsewhere; the guidance epilogue runs
