@@ -192,7 +192,8 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
         return problems
 
     if "search" in stages:
-        check_settings(out / "search" / "settings.json", config.settings("search"))
+        # the search is per question (seeds from the question id): more or fewer questions resume it
+        check_settings(out / "search" / "settings.json", config.settings("search"), may_change=("questions",))
         summaries = search(questions(), backend(config.solver), messages=task.messages, check=check or task.check_many,
                            config=config.search,
                            out=out / "search", progress=progress)
@@ -220,7 +221,7 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
         return kept
 
     if "explain" in stages:
-        check_settings(out / "explain.settings.json", config.settings("explain"))
+        check_settings(out / "explain.settings.json", config.settings("explain"), may_change=("questions",))
         kept = kept_questions()
         explainer = backend(config.explainer or config.solver)
 
