@@ -374,8 +374,12 @@ def test_external_planner_reply_without_action_line_falls_back_and_is_traced(bac
 def test_external_planner_choice_is_executed(backend):
     planner = scripted_backend(backend, lambda p: "Because it is arithmetic.\nRequired Action: decomposition, PoT\n")
     solver = scripted_backend(backend, _reply_for("print(5)"))
+    before = solver.stats.counters()
     result = DOTS(mode="external", planner=planner, constrain=False).run(solver, [QUESTION])[0]  # paper names
     assert result.trace[0]["trajectory"] == "planning, programming_solver" and result.trace[0]["source"] == "external"
+    spent = solver.stats.since(before)  # the planner's tokens count as the strategy's cost
+    assert spent["generated_tokens"] == sum(result.trace[0]["tokens"].values())
+    assert result.trace[0]["tokens"]["plan"] == planner.stats.generated_tokens > 0
     first_prompt = result.trace[0]["dialogue"][0]["content"]
     assert decompose.INSTRUCTION in first_prompt and pot.INSTRUCTION in first_prompt
     assert result.text == "The answer is 5."

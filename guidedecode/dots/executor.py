@@ -32,7 +32,9 @@ Executing p (reference ``think_reply``, with the paper's verification loop):
    the reference's dialogue shape; the paper iterates (default 3);
 4. the last assistant message is the prediction.
 
-All questions advance in lockstep: each phase is one batched backend call. Every result carries a
+All questions advance in lockstep: each phase is one batched backend call. A separate planner's
+cost counters (tokens, forward passes) are added to the solver backend's, so the cost per problem
+covers both models. Every result carries a
 trace: a head ``{"trajectory", "source", "dialogue", "first_turn", "tokens"}`` (tokens per action) followed by
 the events (plan, fallback, code runs with status/stdout/detail, verdicts).
 """
@@ -204,8 +206,12 @@ class DOTS(StepStrategy):
         prompts = [backend.chat_prompt(r.prefix + [{"role": "user", "content": planner_prompt(r.query, internal=internal)}])
                    for r in group]
         guide = _action_guide(backend, stop_after_line=not internal) if self.constrain else None
+        before = backend.stats.counters() if backend is not solver and hasattr(backend, "stats") else None
         with _attached(backend, guide):
             replies = self._generate(backend, prompts, max_new_tokens=None if internal else self.plan_max_new_tokens)
+        if before is not None and hasattr(solver, "stats"):  # the planner's spend counts as the strategy's cost
+            for name, value in backend.stats.since(before).items():
+                setattr(solver.stats, name, getattr(solver.stats, name) + value)
         for run, reply in zip(group, replies):
             if not internal:
                 reply = _cut_after_action_line(reply)

@@ -1,0 +1,94 @@
+"""DOTS evidence table: CoT vs PoT vs the searched best trajectory vs the trained planner's choice.
+
+Every method is an ordinary, resumable ``guidedecode eval --strategy dots`` run under
+``benchmarks/results/evidence/dots-<task>/<method>/``; the planner comes from ``guidedecode train planner
+--method dots`` (its run directory holds the search tables). This script only reads those records and
+writes ``benchmarks/results/evidence-dots-<device>.json``: per task and method the accuracy with its
+95% Wilson interval, the cost per problem (policy tokens generated and forward passes, planner
+included for the external planner), the trajectories used, code runs and failures, planner fallbacks;
+plus the search statistics and the exact commands (given with ``--command``, in order).
+
+    python benchmarks/evidence_dots.py --train-dir runs/dots-planner-synthetic \\
+        --command "guidedecode eval ..." --command "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from guidedecode.bench import results_dir, write_result
+from guidedecode.metrics import proportion_ci
+from guidedecode.records import read_jsonl
+
+METHODS = ("CoT", "PoT", "searched-best", "trained-planner")
+
+
+def summarize_method(directory: Path) -> dict | None:
+    summary_path, results_path = directory / "summary.json", directory / "results.jsonl"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    records = read_jsonl(results_path)
+    correct = sum(int(r["correct"][0]) for r in records)
+    heads = [r["trace"][0][0] for r in records if r.get("trace")]
+    events = [e for r in records for e in (r["trace"][0][1:] if r.get("trace") else [])]
+    code = [e for e in events if e.get("event") == "code"]
+    return {
+        "problems": len(records),
+        "accuracy": proportion_ci(correct, len(records)),
+        "params": summary["params"],
+        "max_new_tokens": json.loads((directory / "config.json").read_text())["max_new_tokens"],
+        "cost_per_problem": summary.get("cost_per_problem"),
+        "trajectories": dict(Counter(h["trajectory"] for h in heads)),
+        "sources": dict(Counter(h["source"] for h in heads)),
+        "tokens_per_action": {k: sum(h["tokens"].get(k, 0) for h in heads) / max(len(heads), 1)
+                              for k in sorted({k for h in heads for k in h["tokens"]})},
+        "code_runs": len(code),
+        "code_status": dict(Counter(e["status"] for e in code)),
+        "failed_runs": sum(e.get("event") == "failed" for e in events),
+        "fallbacks": sum(e.get("event") == "fallback" for e in events),
+        "verdicts": dict(Counter(e["verdict"] for e in events if e.get("event") == "verify")),
+        "seconds_per_problem": summary["seconds"] / max(len(records), 1),
+    }
+
+
+def search_stats(train_dir: Path) -> dict | None:
+    metrics_path = train_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    questions = read_jsonl(train_dir / "search" / "search.jsonl")
+    return {
+        "metrics": metrics,
+        "questions": [{k: q[k] for k in ("id", "status", "best", "success", "runs")} for q in questions],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evidence", type=Path, default=results_dir() / "evidence")
+    parser.add_argument("--tasks", nargs="+", default=["synthetic", "gsm8k"])
+    parser.add_argument("--train-dir", type=Path, default=Path("runs/dots-planner-synthetic"))
+    parser.add_argument("--command", action="append", default=[], help="an exact command that made the records")
+    parser.add_argument("--notes", default=None)
+    args = parser.parse_args()
+    figures = {"tasks": {}, "commands": args.command}
+    for task in args.tasks:
+        figures["tasks"][task] = {m: summarize_method(args.evidence / f"dots-{task}" / m) for m in METHODS}
+    figures["search"] = search_stats(args.train_dir)
+    path = write_result("evidence-dots", figures, notes=args.notes)
+    print(path)
+    for task, methods in figures["tasks"].items():
+        for method, row in methods.items():
+            if row:
+                acc = row["accuracy"]
+                cost = row["cost_per_problem"] or {}
+                print(f"{task:10s} {method:16s} {acc['mean']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] n={acc['n']} "
+                      f"tokens/problem={cost.get('generated_tokens', float('nan')):.0f} {row['trajectories']}")
+
+
+if __name__ == "__main__":
+    main()
