@@ -67,7 +67,8 @@ def git_sha() -> str | None:
 
 
 def write_result(name: str, figures: dict, *, plot: Callable | None = None, notes: str | None = None) -> Path:
-    """Write the JSON (and PNG when ``plot`` is given); returns the JSON path."""
+    """Write the JSON (and PNG when ``plot`` is given); returns the JSON path. ``$GUIDEDECODE_BENCH_NOTE``
+    is appended to ``notes`` (e.g. that the machine was shared with other jobs during the run)."""
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{device_tag()}"
@@ -78,7 +79,7 @@ def write_result(name: str, figures: dict, *, plot: Callable | None = None, note
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
         "versions": versions(),
-        "notes": notes,
+        "notes": " ".join(n for n in (notes, os.environ.get("GUIDEDECODE_BENCH_NOTE")) if n) or None,
         "figures": figures,
     }
     path = out / f"{stem}.json"

@@ -39,7 +39,7 @@ import torch
 
 from guidedecode.errors import GuideError
 from guidedecode.guides.base import TokenGuide
-from guidedecode.kernels.guidance import guidance, guidance_reference
+from guidedecode.kernels.guidance import guidance, guidance_torch
 from guidedecode.value_model import ValueModel, ValueState
 
 __all__ = ["MODES", "qsharp_offsets", "QSharpGuide"]
@@ -102,10 +102,11 @@ def qsharp_offsets(z: torch.Tensor, mode: str = "bernoulli", eta=DEFAULT_ETA, *,
 
 
 def _guidance(scores, *args, **kwargs):
-    """The fused Triton epilogue for CUDA logits; the torch reference on CPU (also under
-    ``TRITON_INTERPRET=1``, which is for testing the kernel itself: the interpreter is far too slow for a
-    decode loop, and the kernel's parity with the reference is tested in ``tests/test_kernel_guidance.py``)."""
-    fn = guidance if scores.is_cuda else guidance_reference
+    """The fused Triton epilogue for CUDA logits; on CPU its eager torch counterpart ``guidance_torch``
+    (closed-form KL, sparse offsets, nucleus from a top-k; also under ``TRITON_INTERPRET=1``, which is for
+    testing the kernel itself: the interpreter is far too slow for a decode loop). Both are tested against
+    ``guidance_reference`` in ``tests/test_kernel_guidance.py``."""
+    fn = guidance if scores.is_cuda else guidance_torch
     return fn(scores, *args, **kwargs)
 
 

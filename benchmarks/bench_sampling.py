@@ -1,0 +1,122 @@
+"""n samples per prompt: one shared prefill (KV cache expanded to the n rows) vs ``num_return_sequences``.
+
+``HFBackend.sample(prompts, n)`` runs each prompt once and expands its KV cache to the n rows
+(``share_prefill=True``, the default); ``share_prefill=False`` is ``generate(num_return_sequences=n)``, which
+prefills all n copies (best-of-8 on an 8-shot ~900-token prompt: 7,200 prompt tokens instead of 900).
+
+For each prompt length (default 100 and 900 tokens: a prefix of a fixed few-shot arithmetic text, token ids
+passed as is) and n (default 1, 4, 8, 16): one prompt, ``--new-tokens`` sampled tokens at T=0.8 with the
+same seed on both paths, the two paths timed in turn within each repeat (alternating which goes first), every
+repeat recorded. ``speedup`` = plain time / shared time of the same repeat (median and all). Each case also
+checks that both paths return identical tokens, greedily (``top_k=1``) and for the seeded samples. Target
+(issue 14): >= 1.5x at n = 8 with the 900-token prompt. At n = 1 both paths are the same code (no sharing).
+
+    guidedecode bench sampling [-- --lengths 100 900 --ns 1 4 8 16 --new-tokens 32 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from guidedecode.backends import HFBackend
+from guidedecode.bench import write_result
+from guidedecode.models import load_model
+
+TEMPERATURE = 0.8
+
+
+def few_shot_ids(tokenizer, length: int) -> list[int]:
+    """The first ``length`` tokens of a few-shot arithmetic prompt (long enough for any length asked)."""
+    shots = []
+    i = 0
+    ids: list[int] = []
+    while len(ids) < length:
+        a, b = 17 + 7 * i, 23 + 11 * i
+        shots.append(f"Question: Tom has {a} apples and buys {b} more, then gives away {i + 2}. How many are "
+                     f"left?\nAnswer: {a} + {b} = {a + b}. {a + b} - {i + 2} = {a + b - i - 2}. "
+                     f"The answer is {a + b - i - 2}.\n\n")
+        ids = tokenizer("".join(shots), add_special_tokens=False)["input_ids"]
+        i += 1
+    return ids[:length]
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def measure(backend: HFBackend, prompt: list[int], n: int, new_tokens: int, repeats: int) -> dict:
+    def run(shared: bool, seed: int, **options):
+        backend.share_prefill = shared
+        rows = backend.sample([prompt], n, max_new_tokens=new_tokens, temperature=TEMPERATURE, seed=seed, **options)
+        return [c.token_ids for c in rows[0]]
+
+    greedy_same = run(True, 0, top_k=1) == run(False, 0, top_k=1)
+    run(True, 0), run(False, 0)  # warm-up
+    times = {"shared": [], "plain": []}
+    same_samples = True
+    for r in range(repeats):
+        order = ("shared", "plain") if r % 2 == 0 else ("plain", "shared")
+        outputs = {}
+        for name in order:
+            seconds, outputs[name] = _timed(lambda name=name: run(name == "shared", seed=100 + r))
+            times[name].append(seconds)
+        same_samples &= outputs["shared"] == outputs["plain"]
+    speedup = [p / s for p, s in zip(times["plain"], times["shared"])]
+    row = {"prompt_tokens": len(prompt), "n": n, "new_tokens": new_tokens, "greedy_identical": greedy_same,
+           "samples_identical": same_samples, "speedup": statistics.median(speedup), "speedup_all": speedup,
+           "prefill_tokens": {"shared": len(prompt) - 1 + n, "plain": n * len(prompt)}}
+    for name, values in times.items():
+        row[f"{name}_seconds_median"] = statistics.median(values)
+        row[f"{name}_seconds_min"], row[f"{name}_seconds_max"] = min(values), max(values)
+        row[f"{name}_seconds_all"] = values
+    print(f"prompt {len(prompt):4d} n {n:2d}: shared {row['shared_seconds_median']:6.2f} s, plain "
+          f"{row['plain_seconds_median']:6.2f} s, x{row['speedup']:.2f} (repeats "
+          f"{', '.join(f'{s:.2f}' for s in speedup)}), identical greedy {greedy_same} samples {same_samples}",
+          flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 900])
+    parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(args.model, device=device)
+    backend = HFBackend(model, tokenizer, batch_size=max(args.ns))
+    rows = [measure(backend, few_shot_ids(tokenizer, length), n, args.new_tokens, args.repeats)
+            for length in args.lengths for n in args.ns]
+
+    def plot(ax):
+        for length in args.lengths:
+            sub = [r for r in rows if r["prompt_tokens"] == length]
+            ax.plot([r["n"] for r in sub], [r["speedup"] for r in sub], "o-", label=f"{length}-token prompt")
+            for r in sub:
+                ax.plot([r["n"]] * len(r["speedup_all"]), r["speedup_all"], "k.", markersize=3)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("samples per prompt n")
+        ax.set_ylabel("num_return_sequences time / shared-prefill time")
+        ax.legend()
+
+    target = next((r for r in rows if r["n"] == 8 and r["prompt_tokens"] == 900), None)
+    figures = {"model": args.model, "temperature": TEMPERATURE, "batch_size": backend.batch_size,
+               "torch_threads": torch.get_num_threads(), "rows": rows,
+               "target": {"case": "n=8, 900-token prompt", "speedup_at_least": 1.5,
+                          "measured": None if target is None else target["speedup"],
+                          "met": None if target is None else target["speedup"] >= 1.5}}
+    path = write_result("sampling", figures, plot=plot,
+                        notes="HFBackend.sample: shared prefill vs num_return_sequences, same seeds, one prompt")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
