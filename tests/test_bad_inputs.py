@@ -162,6 +162,15 @@ API_CASES = [
     ("out-of-vocabulary id", lambda c: c.backend.greedy([[5, 10**6]]), StrategyError, "token id 1000000"),
     ("float token id", lambda c: c.backend.greedy([[5, 1.5]]), StrategyError, "token id at position 1"),
     ("score out-of-vocabulary", lambda c: c.backend.score([1, 2], [[10**6]]), StrategyError, "token id 1000000"),
+    ("HFBackend(batch_size='4')", lambda c: type(c.backend)(c.backend.model, c.backend.tokenizer, batch_size="4"),
+     StrategyError, "batch_size"),
+    # strategies
+    ("SelfConsistency(n=True)", lambda c: __import__("guidedecode").SelfConsistency(n=True), StrategyError, "n"),
+    ("BestOfN(n='4')", lambda c: __import__("guidedecode").BestOfN(n="4"), StrategyError, "n"),
+    ("BestOfN(max_new_tokens='9')", lambda c: __import__("guidedecode").BestOfN(2, max_new_tokens="9"),
+     StrategyError, "max_new_tokens"),
+    ("SelfConsistency.run(backend, '2+2=')", lambda c: __import__("guidedecode").SelfConsistency(
+        2, max_new_tokens=2).run(c.backend, "2+2="), StrategyError, "one string"),
     # guides
     ("PresencePenalty('1.5')", lambda c: __import__("guidedecode").PresencePenalty("1.5"), GuideError, "alpha"),
     ("PresencePenalty(-1)", lambda c: __import__("guidedecode").PresencePenalty(-1.0), GuideError, "alpha"),

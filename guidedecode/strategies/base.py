@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guidedecode.backends.base import Completion, Prompt
+from guidedecode import validation
 from guidedecode.errors import StrategyError
 
 
@@ -46,11 +47,9 @@ class StepStrategy:
     """Base class: subclasses implement ``run``; ``__call__`` is the ``custom_generate`` entry."""
 
     def __init__(self, *, tokenizer=None, max_new_tokens: int = 256, batch_size: int = 16):
-        if max_new_tokens < 1:
-            raise StrategyError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
+        self.max_new_tokens = validation.positive_int("max_new_tokens", max_new_tokens, error=StrategyError)
+        self.batch_size = validation.positive_int("batch_size", batch_size, error=StrategyError)
         self.last_results: list[StrategyResult] = []
 
     def run(self, backend, prompts: Sequence[Prompt], *, golds: Sequence[str] | None = None) -> list[StrategyResult]:
