@@ -34,7 +34,7 @@ from torch import nn
 
 from guidedecode.backends.hf import left_pad
 from guidedecode.deltas.injector import DeltaInjector
-from guidedecode.deltas.optune import INCORRECT, OpTuneConfig, OpTuneEditor, _key
+from guidedecode.deltas.optune import INCORRECT, Captured, OpTuneConfig, OpTuneEditor, _key
 from guidedecode.errors import TrainingError
 from guidedecode.training.common import FitConfig, check_settings, collect_resumable, fit, split_dev
 
@@ -131,12 +131,35 @@ class MetaObjective(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.skipped = 0
+        # the captured factors of an example are computed at the base weights, so they are the same in
+        # every epoch: kept (on the CPU) after the first capture instead of a forward + backward per step
+        self.captured: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def capture(self, batch: list[dict]) -> Captured:
+        device = next(self.lm.parameters()).device
+        missing = [e for e in batch if e["id"] not in self.captured]
+        if missing:
+            ids, mask = left_pad([e["edit"] for e in missing], self.pad_token_id, device)
+            got = self.editor.capture(self.lm, ids, mask)  # at the base weights
+            for row, e in enumerate(missing):
+                self.captured[e["id"]] = {name: tuple(t.cpu() for t in got.tokens(name, row)) for name in got.x}
+        names = list(self.editor.config.targets)
+        width = max(self.captured[e["id"]][names[0]][0].shape[0] for e in batch)
+        mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+        xs, deltas = {}, {}
+        for name in names:
+            x = torch.zeros(len(batch), width, self.captured[batch[0]["id"]][name][0].shape[1], device=device)
+            d = torch.zeros(len(batch), width, self.captured[batch[0]["id"]][name][1].shape[1], device=device)
+            for row, e in enumerate(batch):
+                xe, de = self.captured[e["id"]][name]
+                x[row, : xe.shape[0]], d[row, : de.shape[0]] = xe.to(device), de.to(device)
+                mask[row, : xe.shape[0]] = 1
+            xs[name], deltas[name] = x, d
+        return Captured(xs, deltas, mask, torch.zeros(()))
 
     def loss(self, batch: list[dict]) -> tuple[torch.Tensor, int]:
         device = next(self.lm.parameters()).device
-        ids, mask = left_pad([e["edit"] for e in batch], self.pad_token_id, device)
-        captured = self.editor.capture(self.lm, ids, mask)  # at the base weights
-        edits = self.editor.deltas_from(captured)
+        edits = self.editor.deltas_from(self.capture(batch))
         target, target_mask = left_pad([e["target"] for e in batch], self.pad_token_id, device)
         labels = torch.full_like(target, -100)
         for r, e in enumerate(batch):
@@ -217,6 +240,7 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
                             "a larger --max-new-tokens or --include-correct)")
 
     # ---- statistics over all training tokens, frozen afterwards
+    objective = MetaObjective(editor, model, backend.pad_token_id)
     stats_file = out / "stats.safetensors"
     stats_keys = [k for k in editor.state_dict() if ".stats_" in k]
     if stats_file.is_file():
@@ -228,8 +252,7 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
         from tqdm.auto import tqdm
 
         for example in tqdm(train, desc="stats", disable=not progress):
-            ids = torch.tensor([example["edit"]], device=next(model.parameters()).device)
-            captured = editor.capture(model, ids)
+            captured = objective.capture([example])
             for name, shape in editor.config.targets.items():
                 x, delta = captured.tokens(name, 0)
                 editor.transforms[_key(shape)].stats_x.update(x)
@@ -242,7 +265,6 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
         transform.update_stats = False
 
     # ---- meta-training
-    objective = MetaObjective(editor, model, backend.pad_token_id)
     for p in editor.parameters():
         p.register_hook(_finite_or_zero(objective))
     fit_config = FitConfig(epochs=config.epochs, batch_size=config.batch_size, grad_accum=config.grad_accum,
