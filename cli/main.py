@@ -168,9 +168,11 @@ def generate(model, prompt, guide, strategy, params, max_new_tokens, temperature
               help="results directory (default runs/<task>-<model>-<method>)")
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help=DTYPE_HELP)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="hf: transformers generate; vllm: a vLLM engine (guides as its logits processors)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def eval_command(task, data, model, guide, strategy, params, limit, samples, seed, temperature, top_p,
-                 max_new_tokens, batch_size, split, level, out_dir, device, dtype, quiet) -> None:
+                 max_new_tokens, batch_size, split, level, out_dir, device, dtype, backend, quiet) -> None:
     """Evaluate a model (plain, guided or with a strategy) on a task; resumes an interrupted run.
 
     Writes results.jsonl (a line per problem) and summary.json (accuracy with 95% CI, pass@k,
@@ -185,7 +187,7 @@ def eval_command(task, data, model, guide, strategy, params, limit, samples, see
     config = EvalConfig(task=task, model=model, data=data, split=split, limit=limit, samples=samples, seed=seed,
                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         guide=guide, strategy=strategy, params=parse_params(params),
-                        task_options={"level": level} if level is not None else {})
+                        task_options={"level": level} if level is not None else {}, backend=backend)
     method = guide or strategy or "plain"
     out = out_dir or os.path.join("runs", f"{task}-{Path(model).name}-{method}-s{seed}")
     summary = run_eval(config, out, progress=not quiet, **_device_and_dtype(device, dtype))

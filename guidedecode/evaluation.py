@@ -33,6 +33,7 @@ TIMING_FIELDS = ("seconds", "tokens_per_second")
 # sample and summarised as a mean over problems with a 95% CI. Q#: KL(guided || reference) summed
 # over the generated tokens, before top-p ("kl") and of the sampled, post-top-p policy ("kl_sample").
 GUIDE_FIGURES = ("kl", "kl_sample")
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class EvalConfig:
     strategy: str | None = None
     params: dict = field(default_factory=dict)
     task_options: dict = field(default_factory=dict)
+    backend: str = "hf"  # "hf" (transformers generate) or "vllm" (a vllm.LLM engine: guidedecode.vllm)
 
     def validate(self) -> None:
         """Check every setting (types and ranges) before anything is loaded or written."""
@@ -69,6 +71,8 @@ class EvalConfig:
         v.probability("top_p", self.top_p, error=error)
         v.positive_int("max_new_tokens", self.max_new_tokens, error=error)
         v.positive_int("batch_size", self.batch_size, error=error)
+        if self.backend not in BACKENDS:
+            raise error(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         for name, value in (("params", self.params), ("task_options", self.task_options)):
             if not isinstance(value, dict):
                 raise error(f"{name} must be a dict, got {type(value).__name__}")
@@ -92,10 +96,13 @@ def read_results(path) -> list[dict]:
 
 
 def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, tokenizer=None, progress: bool = True,
-             device=None, dtype=None) -> dict:
+             device=None, dtype=None, engine=None) -> dict:
     """Evaluate, appending to ``out_dir/results.jsonl`` and skipping problems already there.
 
     ``model``/``tokenizer``: already loaded objects; else ``load_model(config.model, device=, dtype=)``.
+    ``config.backend == "vllm"``: the model runs in a ``vllm.LLM`` engine (:mod:`guidedecode.vllm`); a guide
+    becomes its vLLM logits processor with per-request settings (Q#'s KL is not reported there);
+    ``engine``: an already built ``vllm.LLM`` of ``config.model`` (with the guide's processor loaded).
     """
     from guidedecode.backends import HFBackend
     from guidedecode.registry import build_guide, build_strategy
@@ -108,7 +115,18 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
     problems = task.load(config.data, split=config.split, limit=config.limit)
     if not problems:
         raise GuidedecodeError(f"task '{config.task}' loaded no problems")
-    if model is None or tokenizer is None:
+    request_args = {}
+    if config.backend != "vllm" and engine is not None:
+        raise ValidationError("an engine was given but the config's backend is 'hf'")
+    if config.backend == "vllm":
+        if engine is None:
+            engine, request_args = _vllm_engine(config, device=device, dtype=dtype)
+        elif config.guide:
+            from guidedecode.vllm.engine import guide_request
+
+            request_args = guide_request(config.guide, config.params)[2]
+        model, tokenizer = None, engine.get_tokenizer()
+    elif model is None or tokenizer is None:
         from guidedecode.models import load_model
 
         model, tokenizer = load_model(config.model, device=device, dtype=dtype)
@@ -116,14 +134,21 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
     # strategy that ends up with other ones is refused (check_strategy_settings), never recorded wrongly.
     context = {"model": model, "task": task, "max_new_tokens": config.max_new_tokens}
     sampling = {"temperature": config.temperature, "top_p": config.top_p}
-    guide = build_guide(config.guide, tokenizer, config.params, context={**context, **sampling}) if config.guide else None
+    guide = None
+    if config.guide and engine is None:
+        guide = build_guide(config.guide, tokenizer, config.params, context={**context, **sampling})
     strategy = None
     if config.strategy:
         strategy = build_strategy(config.strategy, tokenizer, config.params, context={**context, **sampling})
         check_strategy_settings(strategy, config)
     if strategy is not None and hasattr(strategy, "extract"):
         strategy.extract = task.extract  # vote over the task's own answer format
-    backend = HFBackend(model, tokenizer, batch_size=config.batch_size, logits_processor=[guide] if guide else None)
+    if engine is not None:
+        from guidedecode.vllm import VLLMBackend
+
+        backend = VLLMBackend(engine, extra_args=request_args)
+    else:
+        backend = HFBackend(model, tokenizer, batch_size=config.batch_size, logits_processor=[guide] if guide else None)
 
     results_path = out / "results.jsonl"
     done = {record["id"] for record in read_results(results_path)}
@@ -325,14 +350,34 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
     return summary
 
 
+def _vllm_engine(config: EvalConfig, *, device=None, dtype=None):
+    """(``vllm.LLM``, per-request ``extra_args``) for ``--backend vllm``: the guide as its processor."""
+    import torch
+
+    from guidedecode.vllm import require_vllm
+    from guidedecode.vllm.engine import build_engine, guide_request
+
+    require_vllm()
+    processors, request_args = [], {}
+    if config.guide:
+        processor, _, request_args = guide_request(config.guide, config.params)
+        processors = [processor]
+    options = {}
+    if str(device or "cpu").startswith("cpu") and not torch.cuda.is_available():
+        options["kv_cache_memory_bytes"] = 1 << 30  # vLLM's CPU default reserves most of the memory
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    return build_engine(config.model, processors=processors, dtype=name, seed=config.seed, **options), request_args
+
+
 def _check_or_write_config(path: Path, config: EvalConfig) -> None:
     wanted = asdict(config)
+    defaults = asdict(EvalConfig(task=config.task, model=config.model))  # a key added later reads as its default
     # a directory without records (e.g. a run that failed before its first chunk) takes the new settings
     if path.exists() and read_results(path.parent / "results.jsonl"):
         existing = read_json(path, error=ValidationError)
         if not isinstance(existing, dict):
             raise ValidationError(f"{path} does not hold a settings object: use a new --out directory")
-        changed = sorted(key for key in wanted if existing.get(key) != wanted[key])
+        changed = sorted(key for key in wanted if existing.get(key, defaults[key]) != wanted[key])
         if changed:
             raise GuidedecodeError(
                 f"{path.parent} holds a run with different settings ({', '.join(changed)}): use a new --out directory"

@@ -168,10 +168,11 @@ class QSharp(GuideLogitsProcessor):
     * ``qsharp_eta``: guidance strength ``1/eta_paper`` (> 0); absent or 0: the request is untouched;
     * ``qsharp_mode``: ``bernoulli`` (default; ``mle`` for an mle value model), ``cd``, ``expectation``,
       ``fudge``;
-    * ``qsharp_top_k``: candidates per step (default 20; -1 = whole vocabulary).
+    * ``qsharp_top_k``: candidates per step (default 20; -1 = whole vocabulary);
+    * ``qsharp_tail``: ``zero`` (default: tokens outside the top-k keep their logit) or ``mask``.
     """
 
-    KEYS = ("qsharp_eta", "qsharp_mode", "qsharp_top_k")
+    KEYS = ("qsharp_eta", "qsharp_mode", "qsharp_top_k", "qsharp_tail")
 
     @classmethod
     def options(cls, extra_args):
@@ -195,9 +196,12 @@ class QSharp(GuideLogitsProcessor):
         top_k = extra_args.get("qsharp_top_k", 20)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not (top_k == -1 or top_k >= 1):
             raise ValueError(f"qsharp_top_k must be an integer >= 1 or -1 (whole vocabulary), got {top_k!r}")
+        tail = extra_args.get("qsharp_tail")
+        if tail is not None and tail not in ("zero", "mask"):
+            raise ValueError(f"qsharp_tail must be 'zero' or 'mask', got {tail!r}")
         if not os.environ.get(VALUE_MODEL_ENV):
             raise ValueError(f"this request asks for Q# guidance but ${VALUE_MODEL_ENV} names no value model")
-        return {"eta": float(eta), "mode": mode, "top_k": top_k}
+        return {"eta": float(eta), "mode": mode, "top_k": top_k, "tail": tail}
 
     def setup(self, vllm_config):
         from guidedecode.errors import GuideError
@@ -232,6 +236,7 @@ class QSharp(GuideLogitsProcessor):
             eta=options["eta"],
             mode=options["mode"],
             top_k=options["top_k"],
+            tail=options["tail"],
             # KL bookkeeping only (vLLM applies temperature and top-p itself, after this processor)
             temperature=temperature if temperature > 0 else 1.0,
             top_p=float(sampling_params.top_p or 1.0),
@@ -297,11 +302,13 @@ class PlanningTokens(GuideLogitsProcessor):
 
     Per request: ``planning`` = 1 turns it on (block completion); ``planning_force_type`` (a type name),
     ``planning_ban_types`` (a list of type names), ``planning_memory_before_reason`` (0/1),
-    ``planning_max_steps`` (an integer >= 0). A steering key alone turns it on too.
+    ``planning_max_steps`` (an integer >= 0), ``planning_complete_blocks`` (0/1, default 1),
+    ``planning_multi_type`` (0/1: several type blocks per step, the arith scheme). A steering key alone
+    turns it on too.
     """
 
     KEYS = ("planning", "planning_force_type", "planning_ban_types", "planning_memory_before_reason",
-            "planning_max_steps")
+            "planning_max_steps", "planning_complete_blocks", "planning_multi_type")
 
     @classmethod
     def vocab(cls):
@@ -320,7 +327,9 @@ class PlanningTokens(GuideLogitsProcessor):
         given = [k for k in cls.KEYS if k in extra_args]
         if not given or (given == ["planning"] and not _flag(extra_args, "planning")):
             return None
-        options = {"memory_before_reason": _flag(extra_args, "planning_memory_before_reason")}
+        options = {"memory_before_reason": _flag(extra_args, "planning_memory_before_reason"),
+                   "complete_blocks": _flag({"planning_complete_blocks": 1, **extra_args}, "planning_complete_blocks"),
+                   "multi_type": _flag(extra_args, "planning_multi_type")}
         force = extra_args.get("planning_force_type")
         if force is not None and not isinstance(force, str):
             raise ValueError(f"planning_force_type must be a type name, got {force!r}")

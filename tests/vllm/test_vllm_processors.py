@@ -69,7 +69,7 @@ def expected_row(value_model, sampling_params, history, logits_row):
     options = QSharp.options(dict(sampling_params.extra_args or {}))
     if options is None:
         return logits_row
-    guide = QSharpGuide(value_model, eta=options["eta"], mode=options["mode"], top_k=options["top_k"],
+    guide = QSharpGuide(value_model, eta=options["eta"], mode=options["mode"], top_k=options["top_k"], tail=options["tail"],
                         temperature=sampling_params.temperature, top_p=sampling_params.top_p)
     return guide(torch.tensor([history]), logits_row[None].clone())[0]
 
@@ -122,7 +122,7 @@ def test_v1_batch_churn_matches_hf_guide_per_request(env):
         nonlocal next_id
         next_id += 1
         eta = rng.choice([None, 0.0, 2.0, 6.0])
-        extra = {"qsharp_mode": "cd"} if eta and rng.random() < 0.3 else {}
+        extra = {"qsharp_mode": "cd"} if eta and rng.random() < 0.3 else {"qsharp_tail": "mask"} if eta and rng.random() < 0.3 else {}
         return Request(next_id, params(eta, **extra), rng)
 
     for step in range(24):

@@ -1,0 +1,86 @@
+"""A ``vllm.LLM`` set up for a guidedecode run (``guidedecode eval --backend vllm``).
+
+A registry guide (``--guide qsharp -p value_model=DIR -p eta=3``) becomes the matching vLLM logits
+processor plus per-request ``extra_args`` (:func:`guide_request`); the engine loads the processor class,
+and :class:`~guidedecode.vllm.VLLMBackend` sends the arguments with every request.
+"""
+
+from __future__ import annotations
+
+import os
+
+from guidedecode.errors import GuidedecodeError
+
+__all__ = ["GUIDE_PROCESSORS", "guide_request", "build_engine"]
+
+
+def _qsharp(params: dict) -> tuple[dict, dict]:
+    env = {"GUIDEDECODE_VALUE_MODEL": params.get("value_model", "")}
+    if not env["GUIDEDECODE_VALUE_MODEL"]:
+        raise GuidedecodeError("guide 'qsharp' needs -p value_model=DIR (a directory written by guidedecode train qsharp)")
+    args = {"qsharp_eta": float(params.get("eta", 10.0)), "qsharp_top_k": int(params.get("top_k", 20))}
+    if params.get("mode"):
+        args["qsharp_mode"] = params["mode"]
+    if params.get("tail"):
+        args["qsharp_tail"] = params["tail"]
+    return env, args
+
+
+def _planning(params: dict) -> tuple[dict, dict]:
+    planner = params.get("planner", "")
+    if not planner:
+        raise GuidedecodeError("guide 'planning' on vLLM needs -p planner=DIR (the served planner's directory)")
+    if os.path.isfile(os.path.join(planner, "merged", "planning_tokens.json")):
+        planner = os.path.join(planner, "merged")
+    args = {"planning": 1, "planning_complete_blocks": int(params.get("complete_blocks", 1)),
+            "planning_memory_before_reason": int(params.get("memory_before_reason", 0)),
+            "planning_multi_type": int(params.get("multi_type", 0))}
+    if params.get("force_type"):
+        args["planning_force_type"] = params["force_type"]
+    if params.get("ban_types"):
+        args["planning_ban_types"] = [t for t in params["ban_types"].split(",") if t]
+    if int(params.get("max_steps", -1)) >= 0:
+        args["planning_max_steps"] = int(params["max_steps"])
+    return {"GUIDEDECODE_PLANNER": planner}, args
+
+
+GUIDE_PROCESSORS = {"qsharp": ("QSharp", _qsharp), "planning": ("PlanningTokens", _planning)}
+"""Registry guide name -> (processor class in :mod:`guidedecode.vllm`, params -> (environment, extra_args))."""
+
+
+def guide_request(name: str, params: dict) -> tuple[type, dict, dict]:
+    """(processor class, environment it reads, per-request ``extra_args``) for registry guide ``name``.
+
+    The environment is set in this process (the engine's processes inherit it) and the arguments are
+    checked by the processor's own ``validate_params``, so a bad setting fails before the engine starts."""
+    from guidedecode import vllm as gv
+
+    if name not in GUIDE_PROCESSORS:
+        raise GuidedecodeError(f"guide {name!r} has no vLLM processor; on --backend vllm use one of "
+                               f"{', '.join(sorted(GUIDE_PROCESSORS))}, or --backend hf")
+    class_name, convert = GUIDE_PROCESSORS[name]
+    env, extra_args = convert(dict(params))
+    os.environ.update(env)
+    processor = getattr(gv, class_name)
+    try:
+        processor.validate_params(_Params(extra_args))
+    except ValueError as exc:
+        raise GuidedecodeError(f"guide {name!r}: {exc}") from exc
+    return processor, env, extra_args
+
+
+class _Params:
+    def __init__(self, extra_args):
+        self.extra_args = extra_args
+
+
+def build_engine(model: str, *, processors=(), dtype: str | None = None, seed: int = 0, **engine_args):
+    """``vllm.LLM`` for a guidedecode model name (embedded name, directory or Hub id), eager on CPU."""
+    from vllm import LLM
+
+    from guidedecode.models import model_source
+
+    options = {"enforce_eager": True, "seed": seed, **engine_args}
+    if dtype:
+        options["dtype"] = dtype
+    return LLM(model_source(model), logits_processors=list(processors) or None, **options)
