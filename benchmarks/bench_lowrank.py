@@ -24,6 +24,7 @@ medians (fp32), which only give ratios measured side by side in one run.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -192,6 +193,7 @@ def main(argv=None):
     layer = layer_rows(layers, cases, device, dtype)
     model = [] if args.no_model else model_rows(model_cfg, batches, 16, device, dtype)
     figures = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "dtype": str(dtype),
+               "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
                "fused_backend": fused_backend, "layer": layer, "decode_step": model,
                "decode_step_model": model_cfg,
                "timing": "triton.testing.do_bench median" if device == "cuda" else "torch.utils.benchmark median"}

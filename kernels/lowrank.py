@@ -36,7 +36,7 @@ import torch
 
 from guidedecode.kernels.logprobs import HAS_TRITON, _decorated_mode
 
-__all__ = ["INTERPRETED", "KERNELS_USABLE", "lowrank_update", "lowrank_update_reference"]
+__all__ = ["INTERPRETED", "KERNELS_USABLE", "aot_compile", "lowrank_update", "lowrank_update_reference"]
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -165,6 +165,10 @@ def _use_triton(backend: Backend, *tensors) -> bool:
 def _blocks(T: int, d_in: int, d_out: int, R: int) -> dict:
     if INTERPRETED:  # the interpreter's cost is per block operation: few, wide blocks
         return dict(BLOCK_T=16 if T <= 16 else 32, BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4)
+    return _blocks_compiled(T, R)
+
+
+def _blocks_compiled(T: int, R: int) -> dict:
     return dict(BLOCK_T=16 if T <= 16 else 64, BLOCK_N=64 if T <= 16 else 128, BLOCK_K=128,
                 BLOCK_R=16 if R <= 16 else 32, num_warps=4)
 
@@ -210,3 +214,29 @@ def lowrank_update(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.T
         y.copy_(out)
         return y
     return out
+
+
+def aot_compile(arch: str = "sm_90") -> dict:
+    """Compile the kernel's decode and prefill variants (bf16 and fp32) for ``arch`` (``"sm_80"``, ``"sm_90"``)
+    on a machine without a GPU: catches lowering errors the interpreter cannot see. Needs a process in which
+    triton was imported without ``TRITON_INTERPRET=1``. Returns ``{variant: CompiledKernel}``."""
+    if not KERNELS_USABLE or INTERPRETED:
+        raise RuntimeError("aot_compile needs triton imported without TRITON_INTERPRET=1 (run it in a subprocess)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = ("Y", "X", "A", "Bm")
+    signature = dict(S="*fp32", IDX="*i32", T="i32", D_IN="i32", D_OUT="i32", R="i32", sy_b="i64", sy_t="i64",
+                     sx_b="i64", sx_t="i64", sa_n="i64", sa_r="i64", sb_n="i64", sb_o="i64", BLOCK_T="constexpr",
+                     BLOCK_N="constexpr", BLOCK_K="constexpr", BLOCK_R="constexpr", UPCAST="constexpr",
+                     IEEE="constexpr")
+    compiled = {}
+    for dtype, ieee in (("bf16", False), ("fp32", True)):
+        for phase, T in (("decode", 1), ("prefill", 256)):
+            blocks = dict(_blocks_compiled(T, 16))
+            num_warps = blocks.pop("num_warps")
+            sig = {**{p: f"*{dtype}" for p in pointers}, **signature}
+            source = ASTSource(fn=_lowrank_kernel, signature=sig, constexprs=dict(blocks, UPCAST=False, IEEE=ieee))
+            compiled[f"{phase}_{dtype}"] = triton.compile(source, target=GPUTarget("cuda", int(arch[3:]), 32),
+                                                          options={"num_warps": num_warps})
+    return compiled

@@ -105,3 +105,34 @@ def test_bad_shapes_are_named():
         L.lowrank_update(y, x, A, B, s, index[:2])
     with pytest.raises(ValueError, match="backend"):
         L.lowrank_update(y, x, A, B, s, index, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,T,rank", [(64, 1, 16), (8, 1, 512), (4, 300, 16)])
+def test_production_shapes_on_gpu(rows, T, rank):
+    """Llama-3.1-8B q_proj (4096 x 4096) in bf16: kernel vs reference within one bf16 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, T, 4096, device="cuda", generator=g).bfloat16()
+    y = torch.randn(rows, T, 4096, device="cuda", generator=g).bfloat16()
+    A = (torch.randn(rows, rank, 4096, device="cuda", generator=g) / 64).bfloat16()
+    B = (torch.randn(rows, 4096, rank, device="cuda", generator=g) / rank ** 0.5).bfloat16()
+    s = torch.rand(rows, device="cuda", generator=g)
+    index = torch.arange(rows, device="cuda")
+    index[0] = -1
+    ref = L.lowrank_update_reference(y, x, A, B, s, index)
+    out = L.lowrank_update(y, x, A, B, s, index, backend="triton")
+    assert _rel(out, ref) <= 1e-2 and torch.equal(out[0], y[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_90"])
+def test_aot_compiles_for_gpus_in_a_fresh_process(arch):
+    """Ahead-of-time compile (no GPU needed) of the decode / prefill, bf16 / fp32 variants."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", TRITON_DEFAULT_FP_FUSION="0")
+    code = f"from guidedecode.kernels import lowrank as L; print(sorted(L.aot_compile({arch!r})))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "decode_bf16" in done.stdout and "prefill_fp32" in done.stdout
