@@ -1,5 +1,7 @@
 """OpTune / FTTT / FTTT+ attempt loops on a tiny random Llama with the embedded tokenizer (real chat template)."""
 
+import json
+
 import pytest
 import torch
 
@@ -136,9 +138,25 @@ def test_bad_options_are_named(setup):
     with pytest.raises(StrategyError, match="schedule"):
         OpTune(2, check=never, editor=OpTuneEditor.for_model(setup[0]), schedule="odd")
     with pytest.raises(StrategyError, match="oracle"):
-        FTTT(2)
+        FTTT(2).run(_backend(setup), QUESTIONS[:1], golds=GOLDS[:1])
     other = OpTuneEditor.for_model(tiny_model("llama", seed=0, hidden_size=96))
     from guidedecode.deltas import DeltaError
 
     with pytest.raises(DeltaError, match="another model"):
         OpTune(2, check=never, editor=other).run(_backend(setup), QUESTIONS[:1], golds=GOLDS[:1])
+
+
+@pytest.mark.slow
+def test_eval_harness_runs_optune_and_fttt_from_the_registry(setup, tmp_path):
+    """``guidedecode eval --strategy optune|fttt``: the harness hands its checker to the strategy (oracle stop)."""
+    from guidedecode.evaluation import EvalConfig, run_eval
+
+    model, tokenizer = setup
+    for name, params in (("optune", {"k": "2", "max_new_tokens": "6"}),
+                         ("fttt", {"k": "2", "max_new_tokens": "6", "reflection": "1"})):
+        config = EvalConfig(task="synthetic", model="tiny-llama", limit=2, strategy=name, params=params, seed=0,
+                            max_new_tokens=6)
+        summary = run_eval(config, tmp_path / name, model=model, tokenizer=tokenizer, progress=False)
+        assert summary["verifier"] == "oracle"
+        records = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        assert len(records) == 2 and all(len(r["trials"]) == 1 for r in records)

@@ -65,9 +65,6 @@ class WeightUpdateStrategy(StepStrategy):
                  temperature: float = 0.6, top_p: float = 0.95, stop=None, seed: int | None = None, **options):
         super().__init__(**options)
         self.k = check_budget(k, "k", type(self).__name__)
-        if check is None:
-            raise StrategyError(f"{type(self).__name__} learns from verdicts: it needs an oracle check(text, gold) "
-                                "(FeedbackLoop with Verifier.oracle())")
         if not isinstance(feedback, str) or not feedback.strip():
             raise StrategyError(f"{type(self).__name__} needs a non-empty feedback text")
         if temperature < 0:
@@ -96,6 +93,9 @@ class WeightUpdateStrategy(StepStrategy):
         name = type(self).__name__
         if not hasattr(backend, "model"):
             raise StrategyError(f"{name} updates weights with backpropagation: it needs an HFBackend")
+        if self.check is None:
+            raise StrategyError(f"{name} learns from verdicts: it needs an oracle check(text, gold) (FeedbackLoop "
+                                "with Verifier.oracle(), or -p oracle=1 in guidedecode eval)")
         golds = oracle_golds(prompts, golds, self.check, name)
         if any(g is None for g in golds):
             raise StrategyError(f"{name} needs a gold answer for every question (the oracle's feedback)")
