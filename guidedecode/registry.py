@@ -111,6 +111,35 @@ def _rationalyst(tokenizer, k: int = 3, mode: str = "implicit", score_fn: str = 
                                rationale_backend=rationale_backend, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
 
 
+def _fttt(tokenizer, k: int = 4, reflection: int = 0, lr: float = 1e-5, rank: int = 4, temperature: float = 0.6,
+          top_p: float = 0.95, oracle: int = 1, max_new_tokens: int = 256):
+    """FTTT (arXiv 2502.15771): a per-question LoRA (r 4, q/v) with one AdamW step after each failed attempt;
+    ``reflection=1`` is FTTT+. Needs the oracle (``oracle=1``, default): it learns from verdicts."""
+    from guidedecode.strategies import FTTT
+
+    return _with_oracle(FTTT(k, reflection=bool(reflection), lr=lr, rank=rank, temperature=temperature, top_p=top_p,
+                             tokenizer=tokenizer, max_new_tokens=max_new_tokens), oracle)
+
+
+def _optune(tokenizer, editor: str = "", k: int = 4, schedule: str = "alternate", accumulation: str = "replace",
+            temperature: float = 0.6, top_p: float = 0.95, oracle: int = 1, max_new_tokens: int = 256, model=None):
+    """OpTune (arXiv 2502.15771): weight edits from a trained editor directory (``guidedecode train optune``;
+    default: an untrained editor, a scaled gradient step); ``schedule`` alternate | always_edit,
+    ``accumulation`` replace | accumulate. Needs the oracle (``oracle=1``, default)."""
+    from guidedecode.deltas import OpTuneEditor
+    from guidedecode.strategies import OpTune
+
+    if editor:
+        built = OpTuneEditor.from_pretrained(editor, model)
+    elif model is not None:
+        built = OpTuneEditor.for_model(model)
+    else:
+        raise ValidationError("strategy 'optune' needs -p editor=DIR (a trained OpTune editor) or a loaded model")
+    return _with_oracle(OpTune(k, editor=built, schedule=schedule, edit_accumulation=accumulation,
+                               temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+                               max_new_tokens=max_new_tokens), oracle)
+
+
 def _dots(tokenizer, trajectory: str = "", mode: str = "", planner: str = "", max_verify_rounds: int = 3,
           code_retries: int = 1, code_timeout: float = 15.0, constrain: int = 1, temperature: float = 0.0,
           max_new_tokens: int = 512):
@@ -174,6 +203,8 @@ STRATEGIES: dict[str, Callable] = {
     "self-refine": _self_refine,
     "rationalyst": _rationalyst,
     "dots": _dots,
+    "fttt": _fttt,
+    "optune": _optune,
 }
 
 
