@@ -238,7 +238,7 @@ def test_guided_generation_with_a_real_model_always_parses(backend):
     guide = ActionLineGuide(tokenizer)
     constrained = HFBackend(backend.model, tokenizer, logits_processor=[guide])
     prompt = "Plan the solution.\nRequired Action:"
-    rows = constrained.sample([prompt], 24, max_new_tokens=48, temperature=1.5, seed=3)[0]  # 48 >= any line in chars
+    rows = constrained.sample([prompt], 12, max_new_tokens=48, temperature=1.5, seed=3)[0]  # 48 >= any line in chars
     for completion in rows:
         line = completion.text.split("\n", 1)[0]
         assert line[1:] in ACTION_LINES, completion.text
