@@ -12,9 +12,11 @@ every row forced to ``--new-tokens`` tokens; sampling at T=0.8, top-p 0.9, k=20,
 
 tokens/s = rows x new tokens / wall time. Every variant is warmed up once, then the variants are timed
 in turn within each repeat (interleaved, so load on a shared machine hits them alike); every repeat is
-recorded, with the median and the spread (min, max). Ratios are taken per repeat from the side-by-side
-times (``speedup_vs_reference_loop`` = loop time / guide time of the same repeat; reported: the median
-and every repeat). The guidance overhead is the step time the guide adds beyond the value model's own
+recorded by the wall clock and by the process's CPU time, with the median and the spread (min, max).
+Ratios are taken per repeat from the side-by-side times (``speedup_vs_reference_loop`` = loop time / guide
+time of the same repeat; reported: the median and every repeat), by CPU time on CPU (run with
+``OMP_NUM_THREADS=1``: on a shared machine the wall clock mostly measures the other jobs) and by the wall
+clock on CUDA (``ratio_clock``). The guidance overhead is the step time the guide adds beyond the value model's own
 forward passes: ``(t_guided - t_unguided - t_value_model) / t_guided``, with ``t_value_model`` the time
 spent inside ``ValueModel.start / advance / candidate_logits`` during that guided run (target <= 10%).
 
@@ -62,17 +64,19 @@ class _ValueModelTimer:
     """Accumulates the wall time spent inside the value model's inference methods."""
 
     def __init__(self, vm: ValueModel):
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall
+        self.cpu_seconds = 0.0  # this process's CPU time
         for name in ("start", "advance", "candidate_logits"):
             setattr(vm, name, self._timed(getattr(vm, name)))
 
     def _timed(self, fn):
         def wrapper(*args, **kwargs):
             _sync()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = fn(*args, **kwargs)
             _sync()
             self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu
             return result
 
         return wrapper
@@ -148,57 +152,71 @@ def _spread(times: list[float]) -> dict:
             "seconds_all": times}
 
 
-def interleaved(variants: dict, repeats: int, *, warmup_tokens: int = 4) -> dict[str, list[float]]:
+def interleaved(variants: dict, repeats: int, *, warmup_tokens: int = 4):
     """Warm each variant up once (``fn(warmup_tokens)``), then time ``fn(None)`` for every variant in turn
-    within each of ``repeats`` rounds; returns the seconds of every round per variant."""
+    within each of ``repeats`` rounds; returns ``(wall, cpu)``: the seconds of every round per variant, by
+    the wall clock and by this process's CPU time (``time.process_time``)."""
     for fn in variants.values():
         fn(warmup_tokens)
-    times = {name: [] for name in variants}
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     for r in range(repeats):
         for name, fn in variants.items():
             _sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn(None)
             _sync()
-            times[name].append(time.perf_counter() - start)
-            print(f"  repeat {r + 1}/{repeats} {name:18s} {times[name][-1]:7.3f} s", flush=True)
-    return times
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            print(f"  repeat {r + 1}/{repeats} {name:18s} {wall[name][-1]:7.3f} s wall, {cpu[name][-1]:7.3f} s CPU",
+                  flush=True)
+    return wall, cpu
 
 
 def decode_rows(model, inputs, value_models: dict, batch: int, new_tokens: int, repeats: int, *,
                 tokenizer=None, eos_token_id=None) -> list[dict]:
     """Unguided, QSharpGuide with each value model and the reference-style loop, interleaved per repeat."""
     variants = {"unguided": lambda n: _generate(model, inputs, n or new_tokens)}
-    timers, vm_runs = {}, {}
+    timers, vm_runs, vm_cpu = {}, {}, {}
     for head, vm in value_models.items():
         guide = QSharpGuide(vm, eta=ETA, top_k=K, tokenizer=tokenizer, temperature=TEMPERATURE, top_p=TOP_P,
                             eos_token_id=eos_token_id)
-        timers[head], vm_runs[head] = _ValueModelTimer(vm), []
+        timers[head], vm_runs[head], vm_cpu[head] = _ValueModelTimer(vm), [], []
 
-        def guided(n, guide=guide, timer=timers[head], runs=vm_runs[head]):
-            before = timer.seconds
+        def guided(n, guide=guide, timer=timers[head], runs=vm_runs[head], cpu_runs=vm_cpu[head]):
+            before, before_cpu = timer.seconds, timer.cpu_seconds
             _generate(model, inputs, n or new_tokens, guide)
             if n is None:
                 runs.append(timer.seconds - before)
+                cpu_runs.append(timer.cpu_seconds - before_cpu)
 
         variants[f"qsharp-{head}"] = guided
     for head, vm in value_models.items():
         variants[f"reference-loop-{head}"] = lambda n, vm=vm: reference_loop(model, vm, inputs, n or new_tokens)
-    times = interleaved(variants, repeats)
+    wall, cpu = interleaved(variants, repeats)
+    # On CPU the ratios use this process's CPU time: on a machine shared with other jobs the wall clock
+    # mostly measures their load (one thread: CPU time = the work done); on CUDA the wall clock.
+    clock = "wall" if torch.cuda.is_available() else "cpu"
+    times, vm_times = (wall, vm_runs) if clock == "wall" else (cpu, vm_cpu)
 
     rows = {name: {"method": name, "batch": batch, "new_tokens": new_tokens, **_spread(t),
-                   "tokens_per_second": batch * new_tokens / statistics.median(t)} for name, t in times.items()}
+                   **{f"cpu_{k}": v for k, v in _spread(cpu[name]).items()}, "ratio_clock": clock,
+                   "tokens_per_second": batch * new_tokens / statistics.median(t)} for name, t in wall.items()}
     base = times["unguided"]
     for head in value_models:
         row, guided, loop, vm_s = rows[f"qsharp-{head}"], times[f"qsharp-{head}"], times[
-            f"reference-loop-{head}"], vm_runs[head]
+            f"reference-loop-{head}"], vm_times[head]
         overhead = [(g - u - v) / g for g, u, v in zip(guided, base, vm_s)]
         speedup = [lo / g for lo, g in zip(loop, guided)]
-        row.update(value_model_seconds_all=vm_s, value_model_seconds=statistics.median(vm_s),
+        wall_speedup = [lo / g for lo, g in zip(wall[f"reference-loop-{head}"], wall[f"qsharp-{head}"])]
+        row.update(value_model_seconds_all=vm_runs[head], value_model_seconds=statistics.median(vm_runs[head]),
+                   value_model_cpu_seconds_all=vm_cpu[head],
                    guidance_overhead_fraction=statistics.median(overhead), guidance_overhead_all=overhead,
-                   speedup_vs_reference_loop=statistics.median(speedup), speedup_vs_reference_loop_all=speedup)
-        print(f"qsharp-{head}: x{row['speedup_vs_reference_loop']:.3f} vs the loop "
-              f"(repeats {', '.join(f'{s:.3f}' for s in speedup)}), overhead {100 * row['guidance_overhead_fraction']:.1f}% "
+                   speedup_vs_reference_loop=statistics.median(speedup), speedup_vs_reference_loop_all=speedup,
+                   speedup_vs_reference_loop_wall_all=wall_speedup)
+        print(f"qsharp-{head}: x{row['speedup_vs_reference_loop']:.3f} vs the loop by {clock} time "
+              f"(repeats {', '.join(f'{s:.3f}' for s in speedup)}; wall {', '.join(f'{s:.3f}' for s in wall_speedup)}), "
+              f"overhead {100 * row['guidance_overhead_fraction']:.1f}% "
               f"(repeats {', '.join(f'{100 * o:.1f}' for o in overhead)})", flush=True)
     return list(rows.values())
 

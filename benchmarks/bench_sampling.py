@@ -4,14 +4,17 @@
 (``share_prefill=True``, the default); ``share_prefill=False`` is ``generate(num_return_sequences=n)``, which
 prefills all n copies (best-of-8 on an 8-shot ~900-token prompt: 7,200 prompt tokens instead of 900).
 
-For each prompt length (default 100 and 900 tokens: a prefix of a fixed few-shot arithmetic text, token ids
-passed as is) and n (default 1, 4, 8, 16): one prompt, ``--new-tokens`` sampled tokens at T=0.8 with the
-same seed on both paths, the two paths timed in turn within each repeat (alternating which goes first), every
-repeat recorded. ``speedup`` = plain time / shared time of the same repeat (median and all). Each case also
-checks that both paths return identical tokens, greedily (``top_k=1``) and for the seeded samples. Target
-(issue 14): >= 1.5x at n = 8 with the 900-token prompt. At n = 1 both paths are the same code (no sharing).
+For each prompt length (default 900 and 100 tokens: a prefix of a fixed few-shot arithmetic text, token ids
+passed as is) and n (default 8, 16, 4, 1): one prompt, ``--new-tokens`` sampled tokens at T=0.8 with the same
+seed on both paths. A greedy run of each path (``top_k=1``) checks that both return identical tokens and warms
+them up; then the two paths are timed in turn within each repeat (alternating which goes first), every repeat
+recorded by the wall clock and by the process's CPU time, and the seeded samples of both are compared too.
+``speedup`` = plain time / shared time of the same repeat (median and all), by CPU time on CPU (run with
+``OMP_NUM_THREADS=1``: on a shared machine the wall clock mostly measures the other jobs) and by the wall clock
+on CUDA (``ratio_clock``). Target (issue 14): >= 1.5x at n = 8 with the 900-token prompt. At n = 1 both paths
+are the same code (no sharing).
 
-    guidedecode bench sampling [-- --lengths 100 900 --ns 1 4 8 16 --new-tokens 32 --repeats 3]
+    guidedecode bench sampling [-- --lengths 900 100 --ns 8 16 4 1 --new-tokens 32 --repeats 2]
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ def few_shot_ids(tokenizer, length: int) -> list[int]:
 
 
 def _timed(fn):
-    start = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return time.perf_counter() - start, result
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - cpu, result
 
 
 def measure(backend: HFBackend, prompt: list[int], n: int, new_tokens: int, repeats: int) -> dict:
@@ -56,27 +63,35 @@ def measure(backend: HFBackend, prompt: list[int], n: int, new_tokens: int, repe
         rows = backend.sample([prompt], n, max_new_tokens=new_tokens, temperature=TEMPERATURE, seed=seed, **options)
         return [c.token_ids for c in rows[0]]
 
-    greedy_same = run(True, 0, top_k=1) == run(False, 0, top_k=1)
-    run(True, 0), run(False, 0)  # warm-up
+    greedy_same = run(True, 0, top_k=1) == run(False, 0, top_k=1)  # also warms both paths up
     times = {"shared": [], "plain": []}
+    cpu = {"shared": [], "plain": []}
     same_samples = True
     for r in range(repeats):
         order = ("shared", "plain") if r % 2 == 0 else ("plain", "shared")
         outputs = {}
         for name in order:
-            seconds, outputs[name] = _timed(lambda name=name: run(name == "shared", seed=100 + r))
+            seconds, cpu_seconds, outputs[name] = _timed(lambda name=name: run(name == "shared", seed=100 + r))
             times[name].append(seconds)
+            cpu[name].append(cpu_seconds)
         same_samples &= outputs["shared"] == outputs["plain"]
-    speedup = [p / s for p, s in zip(times["plain"], times["shared"])]
+    # CPU: ratios by this process's CPU time (one thread; on a shared machine the wall clock mostly measures
+    # the other jobs' load); CUDA: by the wall clock
+    clock = "wall" if torch.cuda.is_available() else "cpu"
+    basis = times if clock == "wall" else cpu
+    speedup = [p / s for p, s in zip(basis["plain"], basis["shared"])]
     row = {"prompt_tokens": len(prompt), "n": n, "new_tokens": new_tokens, "greedy_identical": greedy_same,
-           "samples_identical": same_samples, "speedup": statistics.median(speedup), "speedup_all": speedup,
+           "samples_identical": same_samples, "ratio_clock": clock, "speedup": statistics.median(speedup),
+           "speedup_all": speedup, "speedup_wall_all": [p / s for p, s in zip(times["plain"], times["shared"])],
            "prefill_tokens": {"shared": len(prompt) - 1 + n, "plain": n * len(prompt)}}
-    for name, values in times.items():
-        row[f"{name}_seconds_median"] = statistics.median(values)
-        row[f"{name}_seconds_min"], row[f"{name}_seconds_max"] = min(values), max(values)
-        row[f"{name}_seconds_all"] = values
-    print(f"prompt {len(prompt):4d} n {n:2d}: shared {row['shared_seconds_median']:6.2f} s, plain "
-          f"{row['plain_seconds_median']:6.2f} s, x{row['speedup']:.2f} (repeats "
+    for name in times:
+        for prefix, values in (("", times[name]), ("cpu_", cpu[name])):
+            row[f"{name}_{prefix}seconds_median"] = statistics.median(values)
+            row[f"{name}_{prefix}seconds_min"], row[f"{name}_{prefix}seconds_max"] = min(values), max(values)
+            row[f"{name}_{prefix}seconds_all"] = values
+    print(f"prompt {len(prompt):4d} n {n:2d}: shared {row['shared_seconds_median']:6.2f} s wall "
+          f"({row['shared_cpu_seconds_median']:6.2f} CPU), plain {row['plain_seconds_median']:6.2f} s wall "
+          f"({row['plain_cpu_seconds_median']:6.2f} CPU), x{row['speedup']:.2f} by {clock} time (repeats "
           f"{', '.join(f'{s:.2f}' for s in speedup)}), identical greedy {greedy_same} samples {same_samples}",
           flush=True)
     return row
@@ -85,10 +100,10 @@ def measure(backend: HFBackend, prompt: list[int], n: int, new_tokens: int, repe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 900])
-    parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[900, 100])
+    parser.add_argument("--ns", type=int, nargs="+", default=[8, 16, 4, 1])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, device=device)
@@ -98,7 +113,7 @@ def main() -> None:
 
     def plot(ax):
         for length in args.lengths:
-            sub = [r for r in rows if r["prompt_tokens"] == length]
+            sub = sorted((r for r in rows if r["prompt_tokens"] == length), key=lambda r: r["n"])
             ax.plot([r["n"] for r in sub], [r["speedup"] for r in sub], "o-", label=f"{length}-token prompt")
             for r in sub:
                 ax.plot([r["n"]] * len(r["speedup_all"]), r["speedup_all"], "k.", markersize=3)

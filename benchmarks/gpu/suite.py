@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "_results" if os.environ.get("OUT") is None else Path("/tmp/guidedecode-gpu-results")
-    results.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(results, ignore_errors=True)  # a rerun on the same machine bundles only its own results
+    results.mkdir(parents=True)
     env = dict(os.environ, GUIDEDECODE_BENCH_RESULTS=str(results), PYTHONUNBUFFERED="1",
                TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
     summary = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke, "steps": []}
