@@ -45,6 +45,16 @@ def tiny_llama_with_tokenizer(embedded_tokenizer):
     return tiny_model("llama", seed=0, vocab_size=len(embedded_tokenizer)), embedded_tokenizer
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a loaded shared CPU, two threads thrash (10x slower).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

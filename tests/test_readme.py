@@ -3,7 +3,8 @@
 Each block is saved as a script and run by this project's Python in a fresh process whose working
 directory is an empty temporary directory, as a user who copies it from a fresh clone would (after the
 README's setup commands). New sections are picked up automatically. A block that is deliberately not
-runnable is preceded by a ``<!-- no-run: reason -->`` line; keep those rare.
+runnable is preceded by a ``<!-- no-run: reason -->`` line; keep those rare. A block that needs another
+environment names it, ``<!-- readme-venv: vllm -->``: it runs there (``tests/vllm/test_vllm_readme.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(python|py)\s*$")
 NO_RUN = re.compile(r"^<!--\s*no-run:\s*(\S.*?)\s*-->$")
+VENV = re.compile(r"^<!--\s*readme-venv:\s*([\w-]+)\s*-->$")
 TIMEOUT_S = 1500  # per block; a block takes 0.5-3 min of CPU time, far longer on a busy machine
 
 
@@ -29,6 +31,7 @@ class Block:
     heading: str  # the section it is in
     code: str
     no_run: str | None  # the reason given in a <!-- no-run: ... --> line right above the fence
+    venv: str | None = None  # the environment named in a <!-- readme-venv: ... --> line right above the fence
 
     @property
     def name(self) -> str:
@@ -49,9 +52,9 @@ def python_blocks(text: str) -> list[Block]:
             if end is None:
                 raise ValueError(f"README.md line {i + 1}: a ```python fence is never closed")
             above = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-            marked = NO_RUN.match(above)
+            marked, venv = NO_RUN.match(above), VENV.match(above)
             blocks.append(Block(i + 2, heading, "\n".join(lines[i + 1 : end]) + "\n",
-                                marked.group(1) if marked else None))
+                                marked.group(1) if marked else None, venv.group(1) if venv else None))
             i = end
         i += 1
     return blocks
@@ -77,6 +80,13 @@ def test_the_extractor_finds_blocks_and_no_run_marks():
 def test_readme_python_block_runs_as_a_script(block, tmp_path):
     if block.no_run:
         pytest.skip(f"README.md line {block.line} is marked no-run: {block.no_run}")
+    if block.venv:
+        pytest.skip(f"README.md line {block.line} runs in the {block.venv} environment (tests/{block.venv})")
+    run_block(block, tmp_path)
+
+
+def run_block(block: Block, tmp_path: Path) -> None:
+    """Save ``block`` as a script in ``tmp_path`` and run it with this Python; it must exit 0."""
     script = tmp_path / "example.py"
     script.write_text(block.code, encoding="utf-8")
     env = dict(os.environ)

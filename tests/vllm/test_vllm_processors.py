@@ -32,12 +32,7 @@ from guidedecode.vllm.processors import VALUE_MODEL_ENV  # noqa: E402
 VOCAB = 512
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
