@@ -129,7 +129,8 @@ def test_eval_with_a_strategy(tmp_path, tiny_dir):
     for record in records:
         cost = record["cost"]
         assert cost["generated_tokens"] == record["tokens"][0] and cost["sample_calls"] > 0
-        assert cost["prompt_tokens"] > 0 and 0 < cost["forward_passes"] <= 8 * cost["sample_calls"]
+        # a sample call: one prefill per prompt (2 in the chunk), then at most max_new_tokens = 8 decoding steps
+        assert cost["prompt_tokens"] > 0 and 0 < cost["forward_passes"] <= (2 + 8) * cost["sample_calls"]
     assert summary["cost_per_problem"]["generated_tokens"] == sum(r["tokens"][0] for r in records) / 2
 
 
