@@ -310,10 +310,10 @@ def test_qsharp_damaged_data_line_is_refused_naming_file_and_line(tiny_dir, tmp_
 
 
 def test_qsharp_never_reports_a_round_finished_with_missing_records(tiny_dir, tmp_path, monkeypatch):
-    from guidedecode.training import qsharp
+    from guidedecode.training import common, qsharp
 
-    real_append = qsharp.append_jsonl
-    monkeypatch.setattr(qsharp, "append_jsonl", lambda path, batch: real_append(path, batch[:1]))
+    real_append = common.append_jsonl  # collection appends through training.common.collect_resumable
+    monkeypatch.setattr(common, "append_jsonl", lambda path, batch: real_append(path, batch[:1]))
     with pytest.raises(TrainingError, match="lacks 2 of 4 expected records"):
         qsharp.run(_qsharp_config(tiny_dir, rounds=1, problems=4), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "round-1" / "metrics.json").exists()
@@ -397,14 +397,14 @@ def test_rationale_killed_at_each_stage_resumes_bit_identical(rationale_run, who
 
         monkeypatch.setattr(R, "masked_loss_sum", dying_loss)
     else:  # every step checkpointed, killed before the final model is written
-        real_atomic_dir = R._atomic_dir
+        real_atomic_dir = R.atomic_dir
 
         def dying_atomic_dir(target, write):
             if Path(target).name == "final":
                 raise Killed
             return real_atomic_dir(target, write)
 
-        monkeypatch.setattr(R, "_atomic_dir", dying_atomic_dir)
+        monkeypatch.setattr(R, "atomic_dir", dying_atomic_dir)
     config = rationale_run(tmp_path / "run")
     with pytest.raises(Killed):
         R.run_pipeline(config, stages)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from guidedecode.backends import HFBackend
 from guidedecode.backends.base import Completion
 from guidedecode.training import rationale as R
+from guidedecode.training.common import collate, held_out_loss
 from guidedecode.training.rationale import (
     BOT,
     EOT,
@@ -85,9 +86,13 @@ def test_edit_distance_and_schedule_come_from_the_libraries(monkeypatch):
     assert edit_distance("kitten", "sitting") == 3 and calls == [("kitten", "sitting")]
     monkeypatch.undo()
 
-    total = 200  # 3% warm-up: 6 steps
+    total = 200  # 3% warm-up: 6 steps; the SFT loop (training.common.fit) builds its schedule with get_scheduler
+    from transformers import get_scheduler
+
+    fit_config = SFTConfig().fit_config()
     param = torch.nn.Parameter(torch.zeros(1))
-    ours = R.lr_scheduler(torch.optim.SGD([param], lr=1.0), total)
+    ours = get_scheduler(fit_config.schedule, torch.optim.SGD([param], lr=1.0),
+                         num_warmup_steps=int(fit_config.warmup * total), num_training_steps=total)
     reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     reference = get_cosine_schedule_with_warmup(reference_optimizer, num_warmup_steps=6, num_training_steps=total)
     for _ in range(total):
@@ -479,7 +484,7 @@ def test_prompt_is_masked_in_sft_labels(tiny):
 def test_masked_loss_equals_per_position_cross_entropy(tiny):
     model, tokenizer = tiny
     examples = [build_example(tokenizer, "A b c.", "Why."), build_example(tokenizer, "Longer text here ok.", "R s.")]
-    batch = R._collate(examples, tokenizer.pad_token_id)
+    batch = collate(examples, tokenizer.pad_token_id)
     loss, count = masked_loss_sum(model, batch)
     expected, n = 0.0, 0
     with torch.no_grad():
@@ -536,7 +541,8 @@ def test_sft_trains_saves_and_reloads(tiny, tmp_path, lora):
     # the dev loss in the summary is the dev loss of the saved model
     examples = [build_example(tokenizer, R.preceding_of(r), r["rationale"]) for r in sft_records()]
     _, dev = R.split_dev(examples, 0.2, 0)
-    assert R.dev_loss(model, dev, tokenizer.pad_token_id, 6) == pytest.approx(summary["final_dev_loss"], rel=1e-4)
+    dev_loss = held_out_loss(model, dev, batch_size=6, collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    assert dev_loss == pytest.approx(summary["final_dev_loss"], rel=1e-4)
     # rerun: already finished, nothing retrained
     again = train_sft(fresh_tiny(tokenizer), sft_records(), tmp_path / "sft", config)
     assert again["resumed_finished"] and again["steps"] == 2
@@ -564,11 +570,11 @@ def test_corrupt_checkpoint_is_reported(tiny, tmp_path):
     _, tokenizer = tiny
     config = SFTConfig(epochs=1, lr=1e-3, batch_size=2, save_every=1)
     train_sft(fresh_tiny(tokenizer), sft_records(), tmp_path / "sft", config, stop_after_steps=1)
-    (checkpoint,) = R._checkpoints(tmp_path / "sft")
+    (checkpoint,) = (tmp_path / "sft").glob("checkpoint-*")
     (checkpoint / "optimizer.pt").write_bytes(b"not a torch file")
     with pytest.raises(TrainingError, match="damaged"):
         train_sft(fresh_tiny(tokenizer), sft_records(), tmp_path / "sft", config)
-    (checkpoint / "model.safetensors").write_bytes(b"\x00" * 10)
+    (checkpoint / "trainable.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(TrainingError, match="damaged"):
         train_sft(fresh_tiny(tokenizer), sft_records(), tmp_path / "sft", config)
 

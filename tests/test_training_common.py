@@ -157,3 +157,50 @@ def test_check_settings_and_split_dev(tmp_path):
     assert split_dev([1], 0.5, seed=0) == ([1], [])
     with pytest.raises(TrainingError, match="dev fraction"):
         split_dev([1, 2], 1.0, seed=0)
+
+
+def test_collect_resumable_on_chunk_runs_after_the_chunk_is_on_disk_and_lost_records_are_refused(tmp_path,
+                                                                                                  monkeypatch):
+    from guidedecode.training import common
+
+    path = tmp_path / "data.jsonl"
+    on_disk = []
+    collect_resumable(list(range(5)), path, lambda chunk, i: [{"id": str(x)} for x in chunk], key=str, chunk_size=2,
+                      on_chunk=lambda index: on_disk.append((index, len(path.read_text().splitlines()))))
+    assert on_disk == [(0, 2), (1, 4), (2, 5)]
+    real_append = common.append_jsonl  # an append that loses records: the end-of-run check names the file
+    monkeypatch.setattr(common, "append_jsonl", lambda p, records: real_append(p, records[:1]))
+    with pytest.raises(TrainingError, match="lacks 2 of 4 expected records"):
+        collect_resumable(list(range(4)), tmp_path / "lossy.jsonl", lambda chunk, i: [{"id": str(x)} for x in chunk],
+                          key=str, chunk_size=2)
+
+
+def test_fit_stop_after_steps_checkpoints_and_a_rerun_finishes_identically(tmp_path):
+    train = _examples(8)
+    config = FitConfig(epochs=1, batch_size=2, lr=1e-2, save_every=100, select="last")
+    straight = _lora_model()
+    fit(straight, train, [], tmp_path / "a", config, pad_token_id=1)
+    stopped = _lora_model()
+    assert fit(stopped, train, [], tmp_path / "b", config, pad_token_id=1, stop_after_steps=1) is None
+    assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-0000001"]
+    steps = []
+    resumed = _lora_model()
+    result = fit(resumed, train, [], tmp_path / "b", config, pad_token_id=1, on_step=steps.append)
+    assert steps == [2, 3, 4] and result.global_step == 4
+    for name, tensor in trainable_state(straight).items():
+        assert torch.equal(tensor, trainable_state(resumed)[name]), name
+
+
+def test_fit_decay_1d_decays_norm_weights_and_is_listed_only_when_on(tmp_path):
+    assert "decay_1d" not in FitConfig().settings()  # runs made before the option resume unchanged
+    assert FitConfig(decay_1d=True).settings()["decay_1d"] is True
+    norms = []
+    for decay_1d in (False, True):
+        model = tiny_model("llama", seed=1)
+        config = FitConfig(batch_size=4, lr=1e-2, weight_decay=0.5, decay_1d=decay_1d, schedule="constant", warmup=0)
+        fit(model, _examples(4), [], tmp_path / str(decay_1d), config, pad_token_id=1)
+        norms.append(model.model.norm.weight.detach().clone())
+    # AdamW's decoupled decay scales the weight by (1 - lr * wd) before the Adam step: only with decay_1d
+    assert not torch.equal(norms[0], norms[1])
+    initial = tiny_model("llama", seed=1).model.norm.weight.detach()
+    torch.testing.assert_close(norms[1], norms[0] - 1e-2 * 0.5 * initial, atol=1e-6, rtol=0)

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import torch
 
 from guidedecode.errors import TrainingError
-from guidedecode.records import append_jsonl, read_jsonl, write_json
+from guidedecode.records import append_jsonl, check_complete, read_jsonl, write_json
 
 __all__ = [
     "FitConfig",
@@ -124,13 +124,15 @@ def check_settings(path: str | os.PathLike, settings: dict, *, may_change: Seque
 
 def collect_resumable(items: Sequence, path: str | os.PathLike, work: Callable[[list, int], list[dict]], *,
                       key: Callable[[Any], str], chunk_size: int = 8, progress: bool = False,
-                      desc: str = "collect") -> list[dict]:
+                      desc: str = "collect", on_chunk: Callable[[int], None] | None = None) -> list[dict]:
     """Records for ``items``, computed chunk by chunk and appended to the JSONL file ``path``.
 
     ``items`` are cut into fixed chunks of ``chunk_size`` (by position); ``work(chunk, chunk_index)``
     returns one record per item of the chunk, each with ``record["id"] == key(item)``. Chunks whose
     items are all in ``path`` already are skipped, so a rerun after a kill computes only the rest;
-    returns the records of ``items`` in their order.
+    ``on_chunk(chunk_index)`` runs after each computed chunk is on disk. At the end the file is read
+    back and must hold a record of every item (a TrainingError otherwise); returns the records of
+    ``items`` in their order.
     """
     from tqdm.auto import tqdm
 
@@ -141,7 +143,7 @@ def collect_resumable(items: Sequence, path: str | os.PathLike, work: Callable[[
     keys = [key(item) for item in items]
     if len(set(keys)) != len(keys):
         raise TrainingError(f"collect {path.name}: the items have duplicate ids")
-    done = {record.get("id"): record for record in read_jsonl(path)}
+    done = {record["id"]: record for record in read_jsonl(path, key="id", error=TrainingError)}
     bar = tqdm(total=len(items), initial=sum(k in done for k in keys), desc=desc, disable=not progress)
     try:
         for index, start in enumerate(range(0, len(items), chunk_size)):
@@ -158,8 +160,11 @@ def collect_resumable(items: Sequence, path: str | os.PathLike, work: Callable[[
             append_jsonl(path, fresh)
             done.update((r["id"], r) for r in fresh)
             bar.update(len(fresh))
+            if on_chunk is not None:
+                on_chunk(index)
     finally:
         bar.close()
+    check_complete(path, read_jsonl(path, key="id", error=TrainingError), keys, error=TrainingError)
     return [done[k] for k in keys]
 
 
@@ -290,6 +295,7 @@ class FitConfig:
     when the cap ends an epoch early). ``select``: ``best_dev`` keeps the epoch with the lowest dev
     loss (ties: the earlier), ``last`` the last one. ``save_every``: optimizer steps between
     checkpoints (one is also written at every epoch end); ``keep_checkpoints`` newest ones are kept.
+    ``decay_1d``: weight decay also on 1-D tensors (biases, norm weights); off, as in the HF Trainer.
     """
 
     epochs: int = 1
@@ -305,6 +311,7 @@ class FitConfig:
     seed: int = 0
     save_every: int = 50
     keep_checkpoints: int = 1
+    decay_1d: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints"):
@@ -327,10 +334,13 @@ class FitConfig:
             raise TrainingError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(names)}")
 
     def settings(self) -> dict:
-        """The settings a resumed run must share (checkpoint spacing may change)."""
+        """The settings a resumed run must share (checkpoint spacing may change; ``decay_1d`` is
+        listed only when on, so runs made before it existed still resume)."""
         values = asdict(self)
         for volatile in ("save_every", "keep_checkpoints"):
             values.pop(volatile)
+        if not values["decay_1d"]:
+            values.pop("decay_1d")
         return values
 
 
@@ -373,7 +383,7 @@ def fit(model, train: Sequence, dev: Sequence, directory: str | os.PathLike, con
         settings: dict | None = None, pad_token_id: int | None = None,
         collate_fn: Callable[[list], dict] | None = None, loss_fn: Callable = masked_loss_sum,
         progress: bool = False, desc: str = "train",
-        on_step: Callable[[int], None] | None = None) -> FitResult:
+        on_step: Callable[[int], None] | None = None, stop_after_steps: int | None = None) -> FitResult | None:
     """Train ``model``'s ``requires_grad`` parameters on ``train``; resumable; see the module docstring.
 
     ``train``/``dev``: examples for ``collate_fn`` (default :func:`collate` with ``pad_token_id``,
@@ -381,6 +391,8 @@ def fit(model, train: Sequence, dev: Sequence, directory: str | os.PathLike, con
     ``loss_sum / count`` per micro-batch (averaged over ``grad_accum`` micro-batches). ``settings``:
     whatever else defines the run (data hash, model name); a directory made with other settings is
     refused. ``on_step(global_step)`` runs after every optimizer step (and after its checkpoint).
+    ``stop_after_steps``: stop after that many optimizer steps of this call, with a checkpoint, and
+    return None (a rerun continues; for tests and time-boxed runs).
 
     Files in ``directory``: ``checkpoint-N/`` (``trainable.safetensors``, ``optimizer.pt``,
     ``scheduler.pt``, ``rng.pt``, ``state.json``), ``best.safetensors`` (the best dev epoch so far),
@@ -436,8 +448,8 @@ def fit(model, train: Sequence, dev: Sequence, directory: str | os.PathLike, con
     else:
         torch.manual_seed(config.seed)  # dropout
 
-    decay = [p for n, p in params.items() if p.ndim >= 2]
-    no_decay = [p for n, p in params.items() if p.ndim < 2]
+    decay = [p for p in params.values() if p.ndim >= 2 or config.decay_1d]
+    no_decay = [p for p in params.values() if not (p.ndim >= 2 or config.decay_1d)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
     scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=int(config.warmup * total_steps),
@@ -482,6 +494,7 @@ def fit(model, train: Sequence, dev: Sequence, directory: str | os.PathLike, con
     directory.mkdir(parents=True, exist_ok=True)
     model.train()
     bar = tqdm(total=total_steps, initial=state.global_step, desc=desc, disable=not progress)
+    steps_this_call = 0
     try:
         while state.epoch < config.epochs and state.global_step < total_steps:
             order = list(range(len(train)))
@@ -506,10 +519,17 @@ def fit(model, train: Sequence, dev: Sequence, directory: str | os.PathLike, con
                 epoch_end = state.step_in_epoch == len(steps) or state.global_step == total_steps
                 if epoch_end:
                     close_epoch()
-                if epoch_end or state.global_step % config.save_every == 0:
+                saved = epoch_end or state.global_step % config.save_every == 0
+                if saved:
                     save_checkpoint()
                 if on_step is not None:
                     on_step(state.global_step)
+                steps_this_call += 1
+                if stop_after_steps is not None and steps_this_call >= stop_after_steps \
+                        and state.global_step < total_steps and state.epoch < config.epochs:
+                    if not saved:
+                        save_checkpoint()
+                    return None
                 if epoch_end:
                     break
     finally:

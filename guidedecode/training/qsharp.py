@@ -59,8 +59,9 @@ import torch
 
 from guidedecode import validation as v
 from guidedecode.errors import GuideError, TrainingError
-from guidedecode.records import append_jsonl, check_complete, read_json, write_json
+from guidedecode.records import read_json, write_json
 from guidedecode.records import read_jsonl as _read_jsonl
+from guidedecode.training.common import atomic_dir, collect_resumable
 
 HEADS = ("v", "q")
 LOSSES = ("bce", "mse", "mle")
@@ -317,7 +318,8 @@ def collect_chunk(policy: Policy, task, problems: Sequence, *, round_index: int,
 def collect(policy: Policy, task, problems: Sequence, path: Path, *, round_index: int, config: QSharpTrainConfig,
             value_model=None, progress: bool = False,
             on_chunk: Callable[[int], None] | None = None) -> list[dict]:
-    """Collect round ``round_index`` into ``path`` (JSONL), skipping problems already there.
+    """Collect round ``round_index`` into ``path`` (JSONL), skipping problems already there; the
+    records of ``problems`` in their order (:func:`~guidedecode.training.common.collect_resumable`).
 
     Problems go in fixed chunks (by index) with per-chunk seeds, so a resumed run writes the same
     records as an uninterrupted one. ``value_model`` guides the roll-in at ``config.roll_in_eta``
@@ -332,29 +334,16 @@ def collect(policy: Policy, task, problems: Sequence, path: Path, *, round_index
                             top_k=config.guide_top_k, tokenizer=policy.tokenizer, temperature=config.temperature,
                             top_p=config.top_p, eos_token_id=list(policy.eos_token_ids),
                             pad_token_id=policy.pad_token_id)
-    done = {r["id"] for r in read_jsonl(path)}
-    per_chunk = max(1, config.gen_batch_size // config.samples)
-    chunks = [list(problems[i: i + per_chunk]) for i in range(0, len(problems), per_chunk)]
-    bar = _bar(len(problems), sum(p.id in done for p in problems), progress, f"collect round {round_index}", "problem")
-    try:
-        for index, chunk in enumerate(chunks):
-            todo = [p for p in chunk if p.id not in done]
-            if not todo:
-                continue
-            if guide is not None and hasattr(guide, "reset"):
-                guide.reset()
-            records = collect_chunk(policy, task, chunk, round_index=round_index, chunk_index=index, config=config,
-                                    guide=guide, roll_in_eta=eta)
-            append_jsonl(path, [r for r in records if r["id"] not in done])
-            done.update(p.id for p in chunk)
-            bar.update(len(todo))
-            if on_chunk is not None:
-                on_chunk(index)
-    finally:
-        bar.close()
-    records = read_jsonl(path)
-    check_complete(path, records, [p.id for p in problems], error=TrainingError)  # every problem exactly once
-    return records
+
+    def work(chunk: list, index: int) -> list[dict]:
+        if guide is not None and hasattr(guide, "reset"):
+            guide.reset()
+        return collect_chunk(policy, task, chunk, round_index=round_index, chunk_index=index, config=config,
+                             guide=guide, roll_in_eta=eta)
+
+    return collect_resumable(problems, path, work, key=lambda problem: problem.id,
+                             chunk_size=max(1, config.gen_batch_size // config.samples), progress=progress,
+                             desc=f"collect round {round_index}", on_chunk=on_chunk)
 
 
 # ---------------------------------------------------------------------------- combine and split
@@ -620,25 +609,20 @@ def train(value_model, examples: Sequence[Example], directory: Path, *, config: 
 
 
 def save_checkpoint(checkpoint: Path, value_model, optimizer, state: dict) -> None:
-    """Write ``model/`` + ``trainer.pt`` into a fresh directory, then swap it in (old kept until then)."""
-    fresh = checkpoint.with_name(checkpoint.name + ".new")
-    old = checkpoint.with_name(checkpoint.name + ".old")
-    shutil.rmtree(fresh, ignore_errors=True)
-    fresh.mkdir(parents=True)
-    value_model.save_pretrained(fresh / "model")
-    payload = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **dict(state)}
-    _atomic_torch_save(payload, fresh / "trainer.pt")
-    _fsync_dir(fresh)
-    if checkpoint.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(checkpoint, old)
-    os.replace(fresh, checkpoint)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write ``model/`` + ``trainer.pt`` into a fresh directory, then swap it in (:func:`atomic_dir`)."""
+    def write(fresh: Path) -> None:
+        value_model.save_pretrained(fresh / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **dict(state)},
+                   fresh / "trainer.pt")
+
+    atomic_dir(checkpoint, write)
 
 
 def load_checkpoint_state(checkpoint: Path) -> dict | None:
-    """The trainer state of ``checkpoint`` (or of ``checkpoint.old`` after a crash mid-swap), or None."""
-    for candidate in (checkpoint, checkpoint.with_name(checkpoint.name + ".old")):
+    """The trainer state of ``checkpoint`` (or of the old one kept during a swap, after a crash
+    mid-swap: ``.checkpoint.old``, or ``checkpoint.old`` as older versions named it), or None."""
+    for candidate in (checkpoint, checkpoint.with_name(f".{checkpoint.name}.old"),
+                      checkpoint.with_name(checkpoint.name + ".old")):
         if candidate.is_dir():
             path = candidate / "trainer.pt"
             try:
@@ -702,8 +686,7 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
         records = collect(policy, task, problems, directory / "data.jsonl", round_index=round_index, config=config,
                           value_model=roll_in_model, progress=progress, on_chunk=on_chunk)
         del roll_in_model
-        wanted = set(ids)
-        records = [r for r in records if r["id"] in wanted]
+        wanted = set(ids)  # earlier rounds' files may hold other problems (a run resumed with other --problems)
         all_rounds = [[r for r in read_jsonl(out / f"round-{i}" / "data.jsonl") if r["id"] in wanted]
                       for i in range(1, round_index)] + [records]
         examples = combine(all_rounds)
@@ -721,7 +704,7 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
         value_model = _initial_value_model(config, previous_model, device, model, tokenizer, round_index)
         fit = train(value_model, kept, directory, config=config, round_index=round_index,
                     pad_token_id=policy.pad_token_id, progress=progress, on_step=on_step)
-        _save_model_atomically(value_model, directory / "model")
+        atomic_dir(directory / "model", value_model.save_pretrained)
         held = evaluate(value_model, held_split, base_rate=split_rate, pad_token_id=policy.pad_token_id,
                         batch_size=config.batch_size, constant_rates={"constant_kept": kept_rate})
         summary = {
@@ -789,41 +772,11 @@ def _load_value_model(directory: Path, device, tokenizer):
     return value_model.eval()
 
 
-def _save_model_atomically(value_model, directory: Path) -> None:
-    staging = directory.with_name(directory.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    value_model.save_pretrained(staging)
-    _fsync_dir(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
-
-
 def _mean(values: Sequence) -> float | None:
     return sum(float(v) for v in values) / len(values) if values else None
 
 
 # ------------------------------------------------------------------------------------- files
-
-
-def _atomic_torch_save(payload: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_or_write_config(path: Path, config: QSharpTrainConfig) -> None:

@@ -32,11 +32,14 @@ function with files between them in one output directory (``spec: rationalyst.md
    scores; the resumable work file) and ``filtered.jsonl`` (the kept records).
 4. **sft** - causal-LM fine-tuning on ``[user: preceding] -> [assistant: rationale]`` with the prompt
    masked (label -100), AdamW, cosine schedule with 3% warm-up, full or LoRA (peft), 5% dev split
-   with a dev loss per epoch, checkpoints that resume. Output: ``sft/`` (``checkpoint-N/``,
-   ``final/`` = a loadable HF model directory, ``adapter/`` for LoRA, ``history.json``).
+   with a dev loss per epoch, checkpoints that resume bit-identically (the shared loop
+   :func:`guidedecode.training.common.fit`). Output: ``sft/`` (``checkpoint-N/``, ``final/`` = a
+   loadable HF model directory, ``adapter/`` for LoRA, ``history.json``).
 
-Every file is written atomically (temporary file, fsync, ``os.replace``); rerunning a stage skips
-the documents/records/steps already done. ``metrics.json`` collects the counts of every stage.
+The work files of extract and filter are appended per batch and fsynced
+(:func:`guidedecode.training.common.collect_resumable`), every other file is written atomically
+(temporary file, fsync, ``os.replace``); rerunning a stage skips the documents/records/steps already
+done. ``metrics.json`` collects the counts of every stage.
 """
 
 from __future__ import annotations
@@ -45,10 +48,7 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,8 +59,17 @@ from typing import Any
 import torch
 
 from guidedecode.errors import TrainingError
-from guidedecode.records import atomic_write_text, check_complete, read_json, write_jsonl
+from guidedecode.records import atomic_write_text, read_json, write_jsonl
 from guidedecode.records import read_jsonl as _read_records
+from guidedecode.training.common import (
+    FitConfig,
+    LMExample,
+    atomic_dir,
+    collect_resumable,
+    fit,
+    masked_loss_sum,
+    split_dev,
+)
 
 BOT, EOT = "<BOT>", "<EOT>"
 GAMMA = 0.9
@@ -81,9 +90,8 @@ _SPAN = re.compile(re.escape(BOT) + "(.*?)" + re.escape(EOT), re.DOTALL)
 
 
 def read_jsonl(path: Path, *, key: str | None = None) -> list[dict]:
-    """Rows of a JSONL file (input data or a stage's file, read as is: stage files are written whole and
-    atomically); a line that is not a JSON object, or lacks ``key`` or repeats it, is an error naming
-    the file and line."""
+    """Rows of an input JSONL file, read as is; a line that is not a JSON object, or lacks ``key`` or
+    repeats it, is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"file not found: {path}")
@@ -188,6 +196,15 @@ EXTRACTION_DEMOS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _extracted_ids(path: Path, mode: str) -> set[str]:
+    """The ids already in an extraction file; rows of the other extraction mode are refused."""
+    rows = _read_records(Path(path), key="id", error=TrainingError)
+    other = [row["id"] for row in rows if row.get("mode", "rewrite") != mode]
+    if other:
+        raise TrainingError(f"{path} holds rows of another extraction mode (e.g. {other[0]}): use a new --out")
+    return {row["id"] for row in rows}
+
+
 def extraction_messages(text: str) -> list[dict]:
     """The chat for one document: system prompt, the two demos, then the document."""
     messages = [{"role": "system", "content": EXTRACTION_SYSTEM}]
@@ -205,31 +222,23 @@ def extract(
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict:
-    """Greedy-extract rationales for the documents not yet in ``path``; rewrite ``path`` atomically
-    after every batch (so an interrupted run resumes at the next unfinished batch)."""
-    from tqdm.auto import tqdm
-
+    """Greedy-extract rationales for the documents not yet in ``path``, ``batch_size`` documents per
+    call, each batch appended to ``path`` (:func:`~guidedecode.training.common.collect_resumable`, so
+    an interrupted run resumes at the next unfinished batch)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise TrainingError("--max-new-tokens and --batch-size must be >= 1")
-    path = Path(path)
-    done = {row["id"]: row for row in read_jsonl(path, key="id")} if path.is_file() else {}
-    if any(row.get("mode", "rewrite") != "rewrite" for row in done.values()):
-        raise TrainingError(f"{path} holds rows of another extraction mode: use a new --out")
-    todo = [d for d in documents if d["id"] not in done]
-    bar = tqdm(total=len(documents), initial=len(documents) - len(todo), desc="extract", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
+    done = _extracted_ids(path, "rewrite")
+
+    def work(chunk: list[dict], _: int) -> list[dict]:
         prompts = [backend.chat_prompt(extraction_messages(d["text"])) for d in chunk]
-        for document, completion in zip(chunk, backend.greedy(prompts, max_new_tokens=max_new_tokens)):
-            done[document["id"]] = {**document, "output": completion.text, "finish_reason": completion.finish_reason}
-        write_jsonl(path, done.values())
-        bar.update(len(chunk))
-    bar.close()
-    check_complete(path, done.values(), [d["id"] for d in documents], error=TrainingError)
-    wanted = [done[d["id"]] for d in documents]
+        completions = backend.greedy(prompts, max_new_tokens=max_new_tokens)
+        return [{**d, "output": c.text, "finish_reason": c.finish_reason} for d, c in zip(chunk, completions)]
+
+    wanted = collect_resumable(documents, path, work, key=lambda d: d["id"], chunk_size=batch_size,
+                               progress=progress, desc="extract")
     return {
         "documents": len(wanted),
-        "generated_now": len(todo),
+        "generated_now": sum(d["id"] not in done for d in documents),
         "finish_reasons": dict(Counter(row["finish_reason"] for row in wanted)),
     }
 
@@ -370,21 +379,13 @@ def extract_insert(
     ``backend.greedy`` call. Kept rationales are inserted with :func:`assemble`; every generation
     is recorded in the row's ``insertions`` (offset, generated text, finish reason, outcome).
     """
-    from tqdm.auto import tqdm
-
     if max_new_tokens < 1 or batch_size < 1 or max_chars < 1:
         raise TrainingError("--max-new-tokens, --batch-size and the rationale length limit must be >= 1")
     if max_rationales is not None and max_rationales < 0:
         raise TrainingError(f"--max-rationales must be >= 0 (0: every boundary), got {max_rationales}")
-    path = Path(path)
-    done = {row["id"]: row for row in read_jsonl(path, key="id")} if path.is_file() else {}
-    other = [i for i, row in done.items() if row.get("mode") != "insert"]
-    if other:
-        raise TrainingError(f"{path} holds rows of another extraction mode (e.g. {other[0]}): use a new --out")
-    todo = [d for d in documents if d["id"] not in done]
-    bar = tqdm(total=len(documents), initial=len(documents) - len(todo), desc="extract", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
+    done = _extracted_ids(path, "insert")
+
+    def work(chunk: list[dict], _: int) -> list[dict]:
         jobs = []  # (document index in chunk, offset, next segment)
         for index, document in enumerate(chunk):
             text = document["text"]
@@ -404,18 +405,16 @@ def extract_insert(
             kept = [(i["offset"], i["rationale"]) for i in row["insertions"] if i["outcome"] == "kept"]
             row["output"] = assemble(row["text"], kept)
             row["finish_reason"] = ",".join(sorted({i["finish_reason"] for i in row["insertions"]})) or "no_boundary"
-            done[row["id"]] = row
-        write_jsonl(path, done.values())
-        bar.update(len(chunk))
-    bar.close()
-    check_complete(path, done.values(), [d["id"] for d in documents], error=TrainingError)
-    wanted = [done[d["id"]] for d in documents]
+        return rows
+
+    wanted = collect_resumable(documents, path, work, key=lambda d: d["id"], chunk_size=batch_size,
+                               progress=progress, desc="extract")
     insertions = [i for row in wanted for i in row["insertions"]]
     outcomes = Counter(i["outcome"] for i in insertions)
     return {
         "mode": "insert",
         "documents": len(wanted),
-        "generated_now": len(todo),
+        "generated_now": sum(d["id"] not in done for d in documents),
         "boundaries": len(insertions),
         "rationales": outcomes.pop("kept", 0),
         "skipped": dict(sorted(outcomes.items())),
@@ -595,21 +594,12 @@ def score_records(
     backend, records: Sequence[dict], path: Path, *, gamma: float = GAMMA, save_every: int = 16,
     progress: bool = False,
 ) -> list[dict]:
-    """Score every record not yet in ``path`` (rewritten atomically every ``save_every`` records)."""
-    from tqdm.auto import tqdm
+    """Score every record not yet in ``path`` (appended every ``save_every`` records)."""
+    def work(chunk: list[dict], _: int) -> list[dict]:
+        return [{**record, **usefulness(backend, record, gamma=gamma)} for record in chunk]
 
-    path = Path(path)
-    done = {row["id"]: row for row in read_jsonl(path, key="id")} if path.is_file() else {}
-    todo = [r for r in records if r["id"] not in done]
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="filter", disable=not progress)
-    for i, record in enumerate(todo, 1):
-        done[record["id"]] = {**record, **usefulness(backend, record, gamma=gamma)}
-        if i % save_every == 0 or i == len(todo):
-            write_jsonl(path, done.values())
-        bar.update(1)
-    bar.close()
-    check_complete(path, done.values(), [r["id"] for r in records], error=TrainingError)
-    return [done[r["id"]] for r in records]
+    return collect_resumable(records, path, work, key=lambda r: r["id"], chunk_size=save_every, progress=progress,
+                             desc="filter")
 
 
 def keep_by_tau(scored: Sequence[dict], taus: dict[str, float] | None = None,
@@ -678,9 +668,16 @@ class SFTConfig:
         if "{rationale}" not in self.target_template:
             raise TrainingError("the target template must contain {rationale}")
 
+    def fit_config(self) -> FitConfig:
+        """The loop: AdamW (torch's weight decay 0.01 on every tensor), cosine schedule with
+        ``WARMUP_FRACTION`` warm-up (the HF Trainer schedule the reference uses), the last epoch kept."""
+        return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=0.01,
+                         decay_1d=True, schedule="cosine", warmup=WARMUP_FRACTION, max_grad_norm=self.max_grad_norm,
+                         select="last", seed=self.seed, save_every=self.save_every,
+                         keep_checkpoints=self.keep_checkpoints)
 
-def build_example(tokenizer, preceding: str, rationale: str, *,
-                  target_template: str = "{rationale}") -> tuple[list[int], list[int]]:
+
+def build_example(tokenizer, preceding: str, rationale: str, *, target_template: str = "{rationale}") -> LMExample:
     """``(input_ids, labels)`` of chat ``[user: preceding, assistant: target]``; labels are -100 on
     every prompt token (the rendered ``[user: preceding]`` with generation prompt), the token ids on
     the target (the reply and the template's end-of-turn). A token spanning the boundary is target."""
@@ -695,62 +692,7 @@ def build_example(tokenizer, preceding: str, rationale: str, *,
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
     labels = [token if end > len(prompt) else -100 for token, (_, end) in zip(ids, encoding["offset_mapping"])]
-    return ids, labels
-
-
-def split_dev(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
-    """Shuffle with ``seed``; the first ``round(fraction * n)`` (at least 1 when fraction > 0 and
-    n >= 2) go to dev, the rest to train."""
-    order = list(items)
-    random.Random(seed).shuffle(order)
-    n_dev = max(1, round(fraction * len(order))) if fraction > 0 and len(order) >= 2 else 0
-    return order[n_dev:], order[:n_dev]
-
-
-def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-
-
-def masked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """``(sum of -log p(label_t | x_<t) over labelled positions, number of labelled positions)``.
-
-    Logits are computed only at the positions that predict a labelled token (``logits_to_keep`` as
-    a boolean mask), so the masked prompt costs no ``[T, V]`` logits.
-    """
-    device = next(model.parameters()).device
-    labels = batch["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100  # position p predicts token p + 1
-    targets = labels[:, 1:][keep[:, :-1]].to(device)
-    if not len(targets):
-        raise TrainingError("a training batch has no target tokens (every label is masked)")
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                   logits_to_keep=keep.to(device)).logits  # [num_kept, V]
-    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss, len(targets)
-
-
-@torch.no_grad()
-def dev_loss(model, examples: Sequence, pad_id: int, batch_size: int) -> float | None:
-    """Token-weighted mean cross-entropy on the dev examples (None without dev examples)."""
-    if not examples:
-        return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        loss, n = masked_loss_sum(model, _collate(examples[start : start + batch_size], pad_id))
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return total / max(count, 1)
+    return LMExample(ids, labels)
 
 
 def lora_targets(model) -> list[str]:
@@ -763,56 +705,11 @@ def lora_targets(model) -> list[str]:
     raise TrainingError("no attention projections (q_proj/k_proj/v_proj/o_proj or c_attn) found for LoRA")
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``WARMUP_FRACTION`` of the steps, then cosine decay to 0
-    (``transformers.get_cosine_schedule_with_warmup``, the HF Trainer schedule the reference uses)."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    warmup = int(WARMUP_FRACTION * total_steps)
-    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Build a directory in a temporary sibling, fsync it, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(staging)
-        _fsync_tree(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _checkpoints(sft_dir: Path) -> list[Path]:
-    found = [p for p in sft_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def _data_hash(records: Sequence[dict]) -> str:
     digest = hashlib.sha256()
     for record in records:
         digest.update(json.dumps([preceding_of(record), record["rationale"]]).encode())
     return digest.hexdigest()[:16]
-
-
-@dataclass
-class _State:
-    epoch: int = 0  # the epoch in progress
-    step_in_epoch: int = 0  # optimizer steps done in that epoch
-    global_step: int = 0
-    history: list = field(default_factory=list)  # one {"epoch", "train_loss", "dev_loss"} per finished epoch
-    settings: dict = field(default_factory=dict)
 
 
 def train_sft(
@@ -826,14 +723,12 @@ def train_sft(
 ) -> dict:
     """Stage 4: fine-tune ``load_base()``'s ``(model, tokenizer)`` on the records; resumable.
 
-    Resumes from the newest ``sft_dir/checkpoint-N`` (model weights as safetensors or a peft adapter,
-    optimizer and scheduler state read with ``torch.load(weights_only=True)``, the epoch order is a
-    function of (seed, epoch) so the remaining batches are the same ones). ``stop_after_steps``
-    stops after that many optimizer steps in this call (after a checkpoint), for tests.
+    The loop is :func:`guidedecode.training.common.fit` in ``sft_dir`` (its ``checkpoint-N/`` hold the
+    trainable tensors, optimizer, scheduler and RNG state; a rerun resumes bit-identically). Then
+    ``sft_dir/adapter`` (LoRA), ``sft_dir/final`` (a loadable HF model directory, LoRA merged) and
+    ``history.json``. ``stop_after_steps`` stops after that many optimizer steps in this call (after
+    a checkpoint), for tests.
     """
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-
     config.validate()
     sft_dir = Path(sft_dir)
     if not records:
@@ -847,154 +742,56 @@ def train_sft(
         if history.get("settings") != settings:
             raise TrainingError(f"{sft_dir} holds a finished run with other settings: delete it or use a new --out")
         return {**history, "resumed_finished": True}
+    old_format = [p for p in sft_dir.glob("checkpoint-*") if (p / "state.json").is_file()
+                  and not (p / "trainable.safetensors").is_file()]
+    if old_format:
+        raise TrainingError(f"{old_format[0]} is a checkpoint of an older guidedecode: delete the "
+                            f"checkpoint-* directories in {sft_dir} to restart the SFT stage")
 
+    # examples: [user: preceding] -> [assistant: rationale], prompt masked; a seeded dev split
     model, tokenizer = load_base()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples, too_long = [], 0
-    for record in records:
-        ids, labels = build_example(tokenizer, preceding_of(record), record["rationale"],
-                                    target_template=config.target_template)
-        if len(ids) > config.max_length:
-            too_long += 1
-        else:
-            examples.append((ids, labels))
-    train, dev = split_dev(examples, config.dev_fraction, config.seed)
+    examples = [build_example(tokenizer, preceding_of(record), record["rationale"],
+                              target_template=config.target_template) for record in records]
+    too_long = sum(len(e.input_ids) > config.max_length for e in examples)
+    train, dev = split_dev([e for e in examples if len(e.input_ids) <= config.max_length], config.dev_fraction,
+                           config.seed)
     if not train:
         raise TrainingError(f"no training examples left ({too_long} longer than max length {config.max_length})")
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
 
-    state = _State(settings=settings)
-    checkpoints = _checkpoints(sft_dir)
-    latest = checkpoints[-1] if checkpoints else None
-    if latest is not None:
-        try:
-            saved = json.loads((latest / "state.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise TrainingError(f"checkpoint {latest} is damaged (state.json: {exc}): delete it to resume "
-                                f"from an earlier one") from exc
-        if saved.get("settings") != settings:
-            raise TrainingError(f"{sft_dir} holds checkpoints made with other settings: delete them or use a new --out")
-        state = _State(**saved)
-
-    if latest is None:
-        torch.manual_seed(config.seed)  # LoRA initialisation and dropout
+    # the trainable tensors: every weight, or a LoRA adapter on the attention projections
+    torch.manual_seed(config.seed)  # LoRA initialisation
     if config.lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
-        if latest is not None:
-            try:
-                model = PeftModel.from_pretrained(model, latest, is_trainable=True)
-            except Exception as exc:
-                raise TrainingError(f"checkpoint {latest} is damaged (adapter: {exc}): delete it") from exc
-        else:
-            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=lora_targets(model), task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-    elif latest is not None:
-        try:
-            weights = load_file(str(latest / "model.safetensors"))
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-        except Exception as exc:
-            raise TrainingError(f"checkpoint {latest} is damaged (model.safetensors: {exc}): delete it") from exc
-        if unexpected or any(not _is_tied(model, name) for name in missing):
-            raise TrainingError(f"checkpoint {latest} does not match the model (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]})")
+        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                 lora_dropout=config.lora_dropout,
+                                                 target_modules=lora_targets(model), task_type="CAUSAL_LM"))
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
-    scheduler = lr_scheduler(optimizer, total_steps)
-    if latest is not None:
-        try:
-            optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-            scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
-            torch.set_rng_state(torch.load(latest / "rng.pt", weights_only=True))
-        except Exception as exc:
-            raise TrainingError(f"checkpoint {latest} is damaged (optimizer/scheduler state: {exc}): delete it") \
-                from exc
+    # the loop (resumes from sft_dir's newest checkpoint)
+    steps: list[int] = []
+    fitted = fit(model, train, dev, sft_dir, config.fit_config(), settings={"sft": settings}, pad_token_id=pad_id,
+                 loss_fn=masked_loss_sum, progress=progress, desc="sft", on_step=steps.append,
+                 stop_after_steps=stop_after_steps)
+    if fitted is None:  # stopped by stop_after_steps, checkpointed
+        return {"interrupted": True, "global_step": steps[-1]}
 
-    def save_checkpoint() -> None:
-        def write(directory: Path) -> None:
-            # full: the whole model (tied aliases dropped by transformers); LoRA: the adapter only
-            model.save_pretrained(directory, safe_serialization=True, max_shard_size="1000GB")
-            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-            torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-            torch.save(torch.get_rng_state(), directory / "rng.pt")
-            (directory / "state.json").write_text(json.dumps(asdict(state), indent=1))
-
-        _atomic_dir(sft_dir / f"checkpoint-{state.global_step:07d}", write)
-        for old in _checkpoints(sft_dir)[: -config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    model.train()
-    steps_this_call = 0
-    bar = tqdm(total=total_steps, initial=state.global_step, desc="sft", disable=not progress)
-    while state.epoch < config.epochs:
-        order = list(range(len(train)))
-        random.Random(config.seed * 1_000_003 + state.epoch).shuffle(order)
-        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        loss_key = f"epoch{state.epoch}"
-        for batch_index in range(state.step_in_epoch, len(batches)):
-            batch = _collate([train[i] for i in batches[batch_index]], pad_id)
-            loss_sum, count = masked_loss_sum(model, batch)
-            loss = loss_sum / max(count, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            state.step_in_epoch += 1
-            state.global_step += 1
-            _accumulate(state, loss_key, float(loss_sum.detach()), count)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            steps_this_call += 1
-            epoch_done = state.step_in_epoch == len(batches)
-            if epoch_done:
-                totals = state.history.pop() if state.history and state.history[-1].get("open") else None
-                train_loss = totals["sum"] / max(totals["count"], 1) if totals else None
-                state.history.append({"epoch": state.epoch, "train_loss": train_loss,
-                                      "dev_loss": dev_loss(model, dev, pad_id, config.batch_size)})
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            if epoch_done or state.global_step % config.save_every == 0:
-                save_checkpoint()
-            if stop_after_steps is not None and steps_this_call >= stop_after_steps and state.epoch < config.epochs:
-                if not (epoch_done or state.global_step % config.save_every == 0):
-                    save_checkpoint()
-                bar.close()
-                return {"interrupted": True, "global_step": state.global_step}
-    bar.close()
-
+    # the outputs
     def write_final(directory: Path) -> None:
         merged = model.merge_and_unload() if config.lora else model
         merged.save_pretrained(directory, safe_serialization=True)
         tokenizer.save_pretrained(directory)
 
     if config.lora:
-        _atomic_dir(sft_dir / "adapter", lambda d: model.save_pretrained(d, safe_serialization=True))
-    _atomic_dir(final, write_final)
+        atomic_dir(sft_dir / "adapter", lambda d: model.save_pretrained(d, safe_serialization=True))
+    atomic_dir(final, write_final)
+    epochs = [{key: entry[key] for key in ("epoch", "train_loss", "dev_loss")} for entry in fitted.history]
     summary = {
-        "train_examples": len(train), "dev_examples": len(dev), "too_long": too_long, "steps": state.global_step,
-        "epochs": state.history, "final_dev_loss": state.history[-1]["dev_loss"], "lora": config.lora,
-        "settings": settings,
+        "train_examples": len(train), "dev_examples": len(dev), "too_long": too_long, "steps": fitted.global_step,
+        "epochs": epochs, "final_dev_loss": epochs[-1]["dev_loss"], "lora": config.lora, "settings": settings,
     }
     atomic_write_text(sft_dir / "history.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _accumulate(state: _State, key: str, loss_sum: float, count: int) -> None:
-    """Running training-loss totals of the open epoch, stored in the history (so they resume too)."""
-    if not state.history or not state.history[-1].get("open"):
-        state.history.append({"open": key, "sum": 0.0, "count": 0})
-    state.history[-1]["sum"] += loss_sum
-    state.history[-1]["count"] += count
-
-
-def _is_tied(model, name: str) -> bool:
-    """Whether a parameter missing from a checkpoint is a tied alias (e.g. lm_head = embed_tokens)."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return name in tied
 
 
 # =============================================================================================
@@ -1109,9 +906,10 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
 
 
 def _stage_input(path: Path, stage: str) -> list[dict]:
+    """A stage's output file (appended by this module: a torn last line of a killed run is cut)."""
     if not path.is_file():
         raise TrainingError(f"{path} not found: run the '{stage}' stage first (--stage {stage} or all)")
-    return read_jsonl(path)
+    return _read_records(path, error=TrainingError)
 
 
 def _text_hash(text: str) -> str:
