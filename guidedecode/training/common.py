@@ -7,7 +7,8 @@ Every ``guidedecode train <scorer>`` run is a directory that a killed run resume
   (JSONL/JSON records: :mod:`guidedecode.records`.)
 * **Resumable collection**: :func:`collect_resumable` maps a batched function over fixed chunks of
   items and appends each chunk's records to a JSONL file (fsynced), skipping the items already there;
-  the chunk index is passed on so per-chunk seeds make a resumed run write the same records.
+  the chunk index is passed on so per-chunk seeds make a resumed run write the same records; at the
+  end the file must hold every item's record.
 * **Examples and losses**: an :class:`LMExample` is ``(input_ids, labels)`` with ``-100`` on the
   tokens outside the loss; :func:`collate` right-pads a batch; :func:`masked_loss_sum` returns
   ``(sum_t -log p(y_t | y_<t), #labelled tokens)`` computing logits only where a label is;
@@ -19,7 +20,8 @@ Every ``guidedecode train <scorer>`` run is a directory that a killed run resume
   the trainable tensors (safetensors), optimizer, scheduler, RNG and loop state. A rerun of the same
   command resumes from the newest checkpoint and ends with weights bit-identical to an uninterrupted
   run (the epoch order is a function of ``(seed, epoch)``; checkpoints are written atomically, so a
-  kill at any point leaves the previous one intact).
+  kill at any point leaves the previous one intact). ``stop_after_steps`` ends a call early with a
+  checkpoint (tests, time-boxed runs).
 
 A minimal trainer::
 
