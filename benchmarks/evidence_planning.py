@@ -76,6 +76,9 @@ def run_condition(label, model, tokenizer, problems, prompt_ids, out: Path, args
 
     records = collect_resumable(problems, out / label / "results.jsonl", work, key=lambda p: p.id,
                                 chunk_size=args.batch_size, progress=True, desc=label)
+    if vocab is not None:  # recount from the text, so the counters are those of the current trace_stats
+        for r in records:
+            r["trace"] = trace_stats(r["completion"], vocab)
     correct = sum(r["correct"] for r in records)
     summary = {"accuracy": proportion_ci(correct, len(records)), "correct": correct, "n": len(records),
                "no_answer": sum(r["answer"] is None for r in records),
@@ -89,6 +92,7 @@ def run_condition(label, model, tokenizer, problems, prompt_ids, out: Path, args
         summary["steps_per_answer"] = sum(r["trace"]["steps"] for r in records) / len(records)
         summary["top_patterns"] = dict(patterns.most_common(5))
         summary["malformed_blocks"] = sum(r["trace"]["malformed_blocks"] for r in records)
+        summary["truncated_blocks"] = sum(r["trace"]["truncated_blocks"] for r in records)
         summary["blocks"] = sum(r["trace"]["blocks"] for r in records)
     write_json(out / label / "summary.json", summary)
     return summary

@@ -207,8 +207,11 @@ def test_trace_from_ids_and_stats(base_tokenizer):
     assert parse_trace(ids, vocab, tokenizer) == parse_trace(text, vocab)
     stats = trace_stats(ids, vocab, tokenizer)
     assert stats["types"] == {"memory": 1, "reason": 1, "answer": 1} and stats["malformed_blocks"] == 0
-    broken = ids[:3] + ids[4:]  # drop the second prefix token... of the first step's type block
-    assert trace_stats(broken, vocab, tokenizer)["malformed_blocks"] >= 1
+    broken = ids[:1] + ids[2:]  # drop the second token of the first general block
+    assert trace_stats(broken, vocab, tokenizer)["malformed_blocks"] == 1
+    cut = trace_stats(ids[:-len(tokenizer(" The answer is: True", add_special_tokens=False)["input_ids"]) - 2],
+                      vocab, tokenizer)  # ends inside the answer block: cut by the budget, not malformed
+    assert cut["truncated_blocks"] == 1 and cut["malformed_blocks"] == 0
 
 
 # ------------------------------------------------------------------------------------------ guide

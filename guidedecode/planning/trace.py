@@ -108,12 +108,18 @@ def format_trace(trace: Sequence[dict], vocab: PlanningVocab) -> str:
 
 
 def trace_stats(source: str | Sequence[int], vocab: PlanningVocab, tokenizer=None) -> dict:
-    """``{"steps", "types": {type: count}, "pattern": "memory,reason,..", "blocks", "malformed_blocks"}``."""
-    blocks = [b for b in _blocks(_pieces(source, vocab, tokenizer), vocab) if b[0] == "block"]
+    """``{"steps", "types": {type: count}, "pattern": "memory,reason,..", "blocks", "malformed_blocks",
+    "truncated_blocks"}``; a block left incomplete at the very end (cut by the token budget) is
+    truncated, not malformed."""
+    items = _blocks(_pieces(source, vocab, tokenizer), vocab)
+    blocks = [b for b in items if b[0] == "block"]
+    # an incomplete block as the very last item was cut by the token budget, not written malformed
+    truncated = int(bool(items) and items[-1][0] == "block" and not items[-1][2])
     trace = parse_trace(source, vocab, tokenizer)
     types = [s["type"] for s in trace if s["type"] is not None]
     return {"steps": len(trace), "types": dict(Counter(types)), "pattern": ",".join(types),
-            "blocks": len(blocks), "malformed_blocks": sum(not b[2] for b in blocks)}
+            "blocks": len(blocks), "malformed_blocks": sum(not b[2] for b in blocks) - truncated,
+            "truncated_blocks": truncated}
 
 
 def strip_planning_tokens(text: str, vocab: PlanningVocab) -> str:
