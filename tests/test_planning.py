@@ -507,3 +507,23 @@ def test_train_planner_other_schemes(tmp_path, scheme):
         assert vocab.types == ("add", "sub", "mul", "div")
         assert metrics["train_step_types"] == {"mul": metrics["train_examples"], "add": metrics["train_examples"]}
     assert metrics["global_step"] == 1 and metrics["new_tokens"] == len(vocab.new_ids)
+
+
+@given(seed=st.integers(0, 2**31 - 1), rules=st.sampled_from(STEERING))
+@settings(max_examples=60, deadline=None)
+def test_guide_changes_nothing_the_grammar_allows(seed, rules):
+    """Allowed tokens keep their exact scores, so where the model's own greedy choice fits the
+    grammar and the rules, guided greedy decoding picks the same token."""
+    guide = PlanningTokenGuide(VOCAB, **rules)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[5, 6] + VOCAB.ids("prefix")])
+    for _ in range(30):
+        scores = torch.randn(1, 520, generator=generator) * 3
+        scores[0, VOCAB.new_ids] += 6 * torch.rand(1, generator=generator).item()
+        raw = scores.clone()
+        out = guide(ids, scores)
+        finite = torch.isfinite(out[0])
+        assert torch.equal(out[0][finite], raw[0][finite])
+        if finite[raw[0].argmax()]:
+            assert out[0].argmax() == raw[0].argmax()
+        ids = torch.cat([ids, out.argmax(-1, keepdim=True)], dim=1)
