@@ -169,8 +169,13 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
     records = read_results(results_path)
     check_complete(results_path, records, [p.id for p in problems])  # every problem exactly once
     summary = summarize(records, [p.id for p in problems], config)
-    weights = next(model.parameters())  # what the numbers were computed with
-    summary.update(device=str(weights.device), dtype=str(weights.dtype).removeprefix("torch."))
+    if engine is not None:  # what the numbers were computed with
+        model_config = engine.llm_engine.model_config
+        summary.update(backend="vllm", dtype=str(model_config.dtype).removeprefix("torch."),
+                       device=str(engine.llm_engine.vllm_config.device_config.device))
+    else:
+        weights = next(model.parameters())
+        summary.update(backend="hf", device=str(weights.device), dtype=str(weights.dtype).removeprefix("torch."))
     _atomic_write_json(out / "summary.json", summary)
     return summary
 

@@ -4,6 +4,7 @@ in the vLLM environment; ``tests/test_readme.py`` runs every other block in the 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ pytest.importorskip("vllm")
 
 _spec = importlib.util.spec_from_file_location("readme_runner", Path(__file__).resolve().parents[1] / "test_readme.py")
 readme = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = readme  # dataclasses look their module up there
 _spec.loader.exec_module(readme)
 
 BLOCKS = [b for b in readme.BLOCKS if b.venv == "vllm" and not b.no_run]
