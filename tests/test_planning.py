@@ -310,6 +310,8 @@ def test_guide_bad_input():
         PlanningTokenGuide(VOCAB, force_type="answer")
     with pytest.raises(GuideError, match="max_steps"):
         PlanningTokenGuide(VOCAB, max_steps=-1)
+    with pytest.raises(GuideError, match="planning tokens go up to id"):
+        PlanningTokenGuide(VOCAB)(torch.tensor([[5, 6]]), torch.zeros(1, 400))
     guide = PlanningTokenGuide(VOCAB)
     bad_prompt = torch.tensor([[5, VOCAB.ids("prefix")[1]]])
     with pytest.raises(GuideError, match="prompt 0 has a malformed planning-token block"):

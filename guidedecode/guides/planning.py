@@ -201,6 +201,9 @@ class PlanningTokenGuide(TokenGuide):
     def adjust(self, scores, state, active):
         if not self.complete_blocks and not self.steered:
             return scores
+        if scores.shape[-1] <= self.vocab.new_ids[-1]:
+            raise GuideError(f"the scores cover {scores.shape[-1]} tokens, but the planning tokens go up to id "
+                             f"{self.vocab.new_ids[-1]}: use the planner's model (its vocabulary was extended)")
         planning = self._planning.to(scores.device)
         for index, (row, is_active) in enumerate(zip(state, active.tolist())):
             if not is_active:
