@@ -306,7 +306,7 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
     Intervals are 95% and stay inside [0, 1] (``metrics.mean_ci``: Wilson, or a bootstrap over problems
     seeded with the run's seed when several samples share a problem). An oracle-stop run (the oracle
     picked each completion) reports only oracle names: solved@k and the trial histogram, never
-    accuracy, pass@k or maj@k (spec test_time_scaling.md, pitfall 1).
+    accuracy, pass@k or maj@k.
     """
     by_id = {r["id"]: r for r in records}
     rows = [by_id[i] for i in ids if i in by_id]

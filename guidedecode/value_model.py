@@ -1,8 +1,7 @@
 """Q♯ value model (classifier): any HF causal-LM backbone plus a linear head.
 
-Spec: ``/work/shared/specs/qsharp.md`` §5 (architecture, per-step state), §7 (what is trained) and §9
-(pitfalls 1, 5, 6, 9). Paper: Zhou et al., "Q♯: Provably Optimal Distributional RL for LLM
-Post-Training", arXiv 2502.20548.
+Paper: Zhou et al., "Q♯: Provably Optimal Distributional RL for LLM Post-Training", arXiv 2502.20548
+(reference code ``jinpz/q_sharp``).
 
 The model predicts, for a prefix ``x, y≤t`` (prompt plus response tokens), the logits of the probability
 ``p = P(correct | prefix)`` under the reference policy (``loss`` ``bce``/``mse``: one logit) or of a pmf
@@ -21,7 +20,7 @@ Two ways to run it, which must agree (the test suite checks it):
   per step) and :meth:`ValueModel.candidate_logits` scores ``k`` candidate next tokens per row. For a V
   head the ``k`` candidates go through the backbone in **one** batched forward, all at position ``L``,
   each attending to the prefix and to itself only; their keys/values never stay in the persistent cache
-  (spec §9 pitfall 1: transformers 5 caches mutate in place, so the cache is cropped back, or the pass runs
+  (transformers 5 caches mutate in place, so the cache is cropped back, or the pass runs
   on a scratch copy).
 
 Positions are per row, ``cumsum(mask) - 1``, in both paths (left padding is harmless, also for absolute
@@ -56,7 +55,7 @@ ETA_CONVENTION = "eta = 1/eta_paper"
 
 @dataclass
 class ValueModelConfig:
-    """What a checkpoint records besides its weights (spec §10.4: head, loss, atoms, eta convention,
+    """What a checkpoint records besides its weights (head, loss, atoms, eta convention,
     tokenizer hash)."""
 
     head: str = "v"  # "v" (one output per prefix) or "q" (one output per vocabulary token)
@@ -114,7 +113,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 over the sorted ``(id, token)`` pairs of ``get_vocab()`` and the BOS/EOS/UNK ids.
 
     The pad id is left out on purpose: loaders set it (e.g. to EOS) without changing the mapping.
-    Two tokenizers of the same length but different mapping get different fingerprints (spec §9.5).
+    Two tokenizers of the same length but different mapping get different fingerprints.
     """
     vocab = tokenizer.get_vocab()
     digest = hashlib.sha256()

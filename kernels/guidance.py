@@ -1,7 +1,7 @@
 """Fused Q♯ guidance epilogue: one streaming pass over the vocabulary.
 
-Spec: ``qsharp.md`` §3-§4 and §10.5 item 1 (guide epilogue, closed-form KL, KL under top-p) and
-``integration.md`` §8-§9 (fused guidance kernel, bandwidth floor, Triton on CPU CI).
+Q♯ (Zhou et al., arXiv 2502.20548): the guide epilogue, its closed-form KL and the KL under top-p, fused so
+the vocabulary is read once (memory-bound: the bandwidth floor is one read of the logits).
 
 Per row ``b`` of raw logits ``x[b, :]`` (fp32, bf16 or fp16; ``-inf`` entries are masked tokens) and
 guidance offsets ``o`` (dense ``off[b, :]``, or sparse: ``off[b, k]`` added to token ``idx[b, k]``, every
@@ -12,7 +12,7 @@ other token offset 0), with guided logits ``z = x + o`` and temperature ``T``::
     kl    = KL(q || p) = E_q[o / T] + lse_p - lse_q                    (closed form, O(1) extra state)
 
 ``T = 1`` (the default) gives exactly the un-tempered quantities. With ``top_p`` the kernel also reports the
-KL the paper reports (qsharp.md §8): ``KL(π_sample || p)`` where ``π_sample`` is ``q`` truncated to its
+KL the paper reports: ``KL(π_sample || p)`` where ``π_sample`` is ``q`` truncated to its
 nucleus ``S`` (HF ``TopPLogitsWarper`` semantics) and renormalised by the kept mass ``M_S``::
 
     kl_top_p = (1 / M_S) Σ_{v∈S} q_v o_v / T  - log M_S + lse_p - lse_q
@@ -676,7 +676,7 @@ def _top_p_kernel_src(
 
 def _stats_configs():
     if interpreter_enabled():
-        # One config only: autotuning with > 1 config crashes under the interpreter (integration.md §9).
+        # One config only: autotuning with > 1 config crashes under the interpreter.
         return [triton.Config({"BLOCK": 1024}, num_warps=4)]
     return [
         triton.Config({"BLOCK": 1024}, num_warps=4),
@@ -766,8 +766,8 @@ def choose_num_chunks(B: int, V: int, num_sms: int | None = None) -> int:
 
 
 def aot_compile(arch: str = "sm_90") -> dict:
-    """Compile every kernel variant for a GPU target on a machine without one (CI layout item 2 in
-    integration.md §9): catches lowering errors the interpreter cannot see. ``arch``: ``"sm_80"``,
+    """Compile every kernel variant for a GPU target on a machine without one: catches lowering errors
+    the interpreter cannot see. ``arch``: ``"sm_80"``,
     ``"sm_90"`` or an AMD arch such as ``"gfx942"``. Returns ``{variant: CompiledKernel}``.
 
     Compilation must not see ``TRITON_INTERPRET=1`` (the interpreter patches ``triton.language``), so the

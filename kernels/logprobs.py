@@ -92,7 +92,7 @@ def _interpreting() -> bool:
 
 
 if HAS_TRITON:
-    # Autotune guard (integration spec §9): under the interpreter, autotuning more than one config
+    # Autotune guard: under the interpreter, autotuning more than one config
     # needs a GPU driver for benchmarking and crashes, so exactly one config is offered there.
     if _interpreting():
         # The interpreter's cost is per block operation, so it gets a wide block (V = 49152: 12
@@ -192,7 +192,7 @@ if HAS_TRITON:
             tl.store(XT + row, tl.load(row_ptr + local).to(tl.float32) * inv_temp)
 
 
-# FP contraction pinned explicitly (integration spec §9: triton 3.9 defaults it on, 3.10 off) so GPU
+# FP contraction pinned explicitly (triton 3.9 defaults it on, 3.10 off) so GPU
 # results do not change with the triton version; off also silences the 3.9 warning.
 _LAUNCH_OPTS = {"enable_fp_fusion": False}
 

@@ -1,8 +1,7 @@
 """Q♯ value-guided sampling as a token guide (an HF ``LogitsProcessor``).
 
-Spec: ``/work/shared/specs/qsharp.md`` §2-§4 (math, order of operations, offset modes), §8 (KL as reported),
-§9 (pitfalls) and §10.1-§10.2. Paper: Zhou et al., "Q♯: Provably Optimal Distributional RL for LLM
-Post-Training", arXiv 2502.20548. The ``cd`` mode is Controlled Decoding (Mudgal et al., arXiv 2310.17022).
+Paper: Zhou et al., "Q♯: Provably Optimal Distributional RL for LLM Post-Training", arXiv 2502.20548
+(reference code ``jinpz/q_sharp``). The ``cd`` mode is Controlled Decoding (Mudgal et al., arXiv 2310.17022).
 
 Eta convention: ``eta = 1 / eta_paper`` (guidance strength, default 10); ``kl_coef = eta_paper`` is an alias.
 
@@ -21,7 +20,7 @@ Per decode step and row, with raw (un-tempered) reference logits ``l``:
 The offsets-add and the KL accounting run in one pass of :func:`guidedecode.kernels.guidance.guidance`
 (Triton on GPU, torch reference on CPU). Per generated token (every step at which a row is still alive,
 the EOS step included) the guide adds ``KL(softmax((l+o)/T) || softmax(l/T))`` to ``kl`` and the KL of the
-distribution actually sampled, ``TopP(softmax((l+o)/T))`` (spec §8: ``eta = 0`` still gives
+distribution actually sampled, ``TopP(softmax((l+o)/T))`` (``eta = 0`` still gives
 ``-log(nucleus mass) > 0``), to ``kl_sample``; :meth:`QSharpGuide.sequence_kl` returns both per row.
 Inside ``generate`` the guide reads the temperature and top-p that ``generate`` applies after it (its
 :class:`~guidedecode.guides.generate_call.GenerateCall`), so the sampling settings live in one place; a
@@ -58,7 +57,7 @@ def _eta_column(eta, like: torch.Tensor) -> torch.Tensor:
 
 def qsharp_offsets(z: torch.Tensor, mode: str = "bernoulli", eta=DEFAULT_ETA, *,
                    atoms: torch.Tensor | None = None) -> torch.Tensor:
-    """Guidance offsets ``o [B, k]`` from value logits ``z`` (``[B, k]``; ``[B, k, A]`` for ``mle``), spec §4.
+    """Guidance offsets ``o [B, k]`` from value logits ``z`` (``[B, k]``; ``[B, k, A]`` for ``mle``).
 
     With ``p = sigmoid(z)`` and ``eta`` a float or a ``[B]`` tensor (``eta = 1/eta_paper``):
 
@@ -309,7 +308,7 @@ class QSharpGuide(TokenGuide):
     def sequence_kl(self) -> dict[str, torch.Tensor]:
         """Per row of the last ``generate`` call (prompts x ``num_return_sequences``, output order):
         ``kl`` = Σ over generated tokens of KL(guided || reference) before top-p, both at temperature ``T``;
-        ``kl_sample`` = the same for the post-top-p distribution that was sampled (spec §8)."""
+        ``kl_sample`` = the same for the post-top-p distribution that was sampled."""
         if self.state is None:
             raise GuideError("sequence_kl() needs a finished generate call with this guide")
         return {"kl": self.state.kl.clone(), "kl_sample": self.state.kl_sample.clone()}

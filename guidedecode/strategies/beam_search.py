@@ -19,7 +19,7 @@ else the best-scored beam. Sampling is batched over every (problem, beam) pair o
 
 ``TokenBeamSearch`` is the FTTT reference baseline: transformers' token beam search
 (``num_beams = num_return_sequences = W``, no sampling) on an ``HFBackend``; on out-of-memory it
-halves W and retries, and records the effective width in the trace (spec pitfall 4).
+halves W and retries, and records the effective width in the trace.
 """
 
 from __future__ import annotations

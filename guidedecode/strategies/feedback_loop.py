@@ -1,4 +1,4 @@
-"""One controller over the test-time-scaling baselines (spec ``test_time_scaling.md`` §6.1).
+"""One controller over the test-time-scaling baselines.
 
     loop = FeedbackLoop(backend, Verifier.oracle(), budget=8, strategy="best_of_n", temperature=0.6)
     reports = loop.run(questions, golds)

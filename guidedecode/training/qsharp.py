@@ -2,7 +2,7 @@
 
 Paper: Zhou et al., "Q♯: Provably Optimal Distributional RL for LLM Post-Training", arXiv 2502.20548,
 Algorithm 1; reference code ``jinpz/q_sharp`` (``collect_training_data.py``, ``combine_training_data.py``,
-``train_classifier.py``). Spec: ``shared/specs/qsharp.md`` §6, §7, §9 (items 3, 4, 11), §10.4.
+``train_classifier.py``).
 
 **Collect** (round r, per problem, ``samples`` = K repeats):
 
@@ -19,7 +19,7 @@ One JSONL line per problem, lists over the K repeats (field names as in the refe
 
 **Combine**: the union of all finished rounds' records → one :class:`Example` per roll-out.
 
-**Train** (spec §7): for an example, input = prompt + y[:c] , targets = [y_c] + continuation; the value
+**Train**: for an example, input = prompt + y[:c] , targets = [y_c] + continuation; the value
 of every prefix that ends inside the targets is trained towards the same Monte-Carlo label r:
 
     L = mean_batch [ (1/|T_b|) Σ_{t ∈ T_b} ℓ(z_{b,t}, r_b) ]

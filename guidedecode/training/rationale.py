@@ -76,7 +76,7 @@ GAMMA = 0.9
 SIMILARITY_THRESHOLD = 0.9
 DEV_FRACTION = 0.05
 WARMUP_FRACTION = 0.03
-# Per-source usefulness thresholds from the paper (spec Section 4.5; tuned for 95% precision,
+# Per-source usefulness thresholds from the paper (tuned for 95% precision,
 # unverified); sources not listed use the reference default 0.
 DEFAULT_TAUS: dict[str, float] = {"gsm8k": 1.2, "ecqa": 0.5, "pile": 0.0}
 DEFAULT_TAU = 0.0
@@ -435,7 +435,7 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def edit_similarity(source: str, candidate: str) -> Fraction:
-    """``1 - levenshtein(source, candidate) / len(source)`` as an exact fraction (spec Section 4.3).
+    """``1 - levenshtein(source, candidate) / len(source)`` as an exact fraction.
 
     Exact, so a threshold of 0.9 keeps a 20-character text at distance 2 and drops it at 3 with no
     floating-point doubt. Can be negative when the candidate is much longer than the source.
@@ -568,7 +568,7 @@ def count_tokens_after(tokenizer, text: str, char: int) -> int:
 
 
 def usefulness(backend, record: dict, *, gamma: float = GAMMA, system: str = FILTER_SYSTEM) -> dict:
-    """``{s_without, s_with, delta, n_following}`` for one record (spec Section 4.5)."""
+    """``{s_without, s_with, delta, n_following}`` for one record."""
     without, with_rationale = following_logprobs(backend, record, system=system)
     s_without, s_with = decayed_sum(without, gamma), decayed_sum(with_rationale, gamma)
     return {"s_without": s_without, "s_with": s_with, "delta": s_with - s_without, "n_following": len(without)}
@@ -641,7 +641,7 @@ def filter_records(
 
 @dataclass
 class SFTConfig:
-    """Hyper-parameters of the rationale-model fine-tune (spec Section 5; defaults scaled for CPU)."""
+    """Hyper-parameters of the rationale-model fine-tune (defaults scaled for CPU)."""
 
     lora: bool = False
     epochs: int = 1
