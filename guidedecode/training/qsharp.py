@@ -459,7 +459,7 @@ def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 def value_loss(logits: torch.Tensor, target_mask: torch.Tensor, labels: torch.Tensor, loss: str, *,
                v_min: float = 0.0, v_max: float = 1.0) -> torch.Tensor:
-    """Spec §7: mean over the batch of the mean over each row's target positions."""
+    """The loss: mean over the batch of the mean over each row's target positions."""
     per_position = position_losses(logits, labels, loss, v_min=v_min, v_max=v_max)
     return masked_sequence_mean(per_position, target_mask).mean()
 
