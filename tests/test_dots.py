@@ -620,3 +620,27 @@ def test_cli_train_planner_dispatches_method_dots():
     assert tokens_help.exit_code == 0 and "--scheme" in tokens_help.output and "--method" in tokens_help.output
     bad = runner.invoke(cli, ["train", "planner", "--method=dots", "--keep", "eight", "--out", "x"])
     assert bad.exit_code != 0 and "--keep 'eight'" in (bad.output + str(bad.exception))
+
+
+def test_missing_action_line_can_be_completed_under_the_guide(backend):
+    """on_missing_plan='complete': the trigger is appended and the planner writes the line constrained."""
+    planner = scripted_backend(backend, lambda p: "" if p.endswith("Required Action:") else "Not sure.",
+                               release=True)
+    solver = scripted_backend(backend, lambda prompt: "The answer is 5.")
+    results = DOTS(mode="external", planner=planner, on_missing_plan="complete", plan_max_new_tokens=6,
+                   temperature=1.5, seed=2).run(solver, [QUESTION, "What is 1 + 1?"])
+    for result in results:
+        plan = result.trace[1]
+        assert plan["event"] == "plan" and plan["completed"] and plan["text"].startswith("Not sure.")
+        assert result.trace[0]["source"] == "external" and plan["action_line"] in ACTION_LINES
+        assert all(e["event"] != "fallback" for e in result.trace[1:])
+    with pytest.raises(StrategyError, match="needs constrain=True"):
+        DOTS(mode="external", on_missing_plan="complete", constrain=False)
+
+
+def test_registry_passes_on_missing_plan(tokenizer):
+    from guidedecode.registry import build_strategy
+
+    assert build_strategy("dots", tokenizer, {"mode": "external", "on_missing_plan": "complete"}).on_missing_plan == "complete"
+    with pytest.raises(StrategyError, match="on_missing_plan"):
+        build_strategy("dots", tokenizer, {"on_missing_plan": "guess"})

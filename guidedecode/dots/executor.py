@@ -13,7 +13,9 @@ Three ways to get the trajectory p (:mod:`guidedecode.dots.actions`):
 With ``constrain=True`` the planner's ``Required Action:`` line is decoded under
 :class:`~guidedecode.dots.action_line.ActionLineGuide`, so it always names one of the 12 trajectories.
 A reply without an action line falls back to ``fallback`` (default: CoT alone) and the trace records
-``{"event": "fallback", ...}``; ``on_missing_plan="error"`` raises instead.
+``{"event": "fallback", ...}``; ``on_missing_plan="error"`` raises instead, and ``"complete"`` (external
+mode) appends ``Required Action:`` to the reply and has the planner write the line under the guide
+(the plan event says ``"completed": true``).
 
 Executing p (reference ``think_reply``, with the paper's verification loop):
 
@@ -135,8 +137,11 @@ class DOTS(StepStrategy):
             raise StrategyError(f"code_timeout must be > 0 seconds, got {code_timeout}")
         if temperature < 0:
             raise StrategyError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if on_missing_plan not in ("fallback", "error"):
-            raise StrategyError(f"on_missing_plan must be 'fallback' or 'error', got {on_missing_plan!r}")
+        if on_missing_plan not in ("fallback", "error", "complete"):
+            raise StrategyError(f"on_missing_plan must be 'fallback', 'error' or 'complete', got {on_missing_plan!r}")
+        if on_missing_plan == "complete" and not constrain:
+            raise StrategyError("on_missing_plan='complete' writes the action line under the constraint: "
+                                "it needs constrain=True")
         self.trajectory, self.mode, self.planner = trajectory, mode, planner
         self.library = library or ActionLibrary()
         self.max_verify_rounds, self.code_retries = max_verify_rounds, code_retries
@@ -212,17 +217,37 @@ class DOTS(StepStrategy):
         if before is not None and hasattr(solver, "stats"):  # the planner's spend counts as the strategy's cost
             for name, value in backend.stats.since(before).items():
                 setattr(solver.stats, name, getattr(solver.stats, name) + value)
+        if not internal and self.on_missing_plan == "complete":
+            replies = self._complete_action_lines(backend, prompts, replies)
         for run, reply in zip(group, replies):
             if not internal:
                 reply = _cut_after_action_line(reply)
             self._take_plan(run, reply, internal)
+
+    def _complete_action_lines(self, backend, prompts, replies):
+        """Replies without an action line get ``"\nRequired Action:"`` appended and the line written under
+        the guide (one more batched call), so every external plan names one of the 12 trajectories."""
+        missing = [i for i, reply in enumerate(replies) if decode_action_line(reply.text).trajectory is None]
+        if not missing:
+            return replies
+        heads = [replies[i].text.rstrip("\n") + "\n" + ACTION_LINE_TRIGGER for i in missing]
+        with _attached(backend, _action_guide(backend, stop_after_line=True)):
+            lines = self._generate(backend, [prompts[i] + head for i, head in zip(missing, heads)],
+                                   max_new_tokens=48)
+        replies = list(replies)
+        for i, head, line in zip(missing, heads, lines):
+            replies[i] = Completion(text=head + line.text, token_ids=replies[i].token_ids + line.token_ids,
+                                    finish_reason=line.finish_reason,
+                                    info={**replies[i].info, "completed_action_line": True})
+        return replies
 
     # --------------------------------------------------------------- state machine
     def _take_plan(self, run: _Run, reply: Completion, internal: bool) -> None:
         decoded = decode_action_line(reply.text)
         run.tokens["plan"] = run.tokens.get("plan", 0) + reply.num_tokens
         run.events.append({"event": "plan", "text": reply.text, "action_line": decoded.line,
-                           "ignored": list(decoded.ignored), "constrained": self.constrain})
+                           "ignored": list(decoded.ignored), "constrained": self.constrain,
+                           "completed": bool(reply.info.get("completed_action_line"))})
         if decoded.trajectory is None:
             reason = ("the planner reply has no 'Required Action:' line" if decoded.line is None
                       else f"the action line {decoded.line!r} names no action")
