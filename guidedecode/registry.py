@@ -141,11 +141,12 @@ def _optune(tokenizer, editor: str = "", k: int = 4, schedule: str = "alternate"
 
 
 def _dots(tokenizer, trajectory: str = "", mode: str = "", planner: str = "", max_verify_rounds: int = 3,
-          code_retries: int = 1, code_timeout: float = 15.0, constrain: int = 1, temperature: float = 0.0,
-          max_new_tokens: int = 512):
+          code_retries: int = 1, code_timeout: float = 15.0, constrain: int = 1, on_missing_plan: str = "fallback",
+          temperature: float = 0.0, max_new_tokens: int = 512):
     """DOTS plan-then-execute. ``trajectory``: a fixed trajectory, e.g. ``CoT``, ``PoT``,
     ``decomposition,PoT,verifier`` (code ids or paper names); else ``mode=external`` (``planner=``: a
-    planner model, default: the solver prompted as planner) or ``mode=internal``. PoT code runs in the sandbox."""
+    planner model, default: the solver prompted as planner) or ``mode=internal``. PoT code runs in the sandbox.
+    ``on_missing_plan``: fallback (CoT, traced) | error | complete (append the trigger, write the line constrained)."""
     from guidedecode.dots import DOTS
 
     planner_backend = None
@@ -156,7 +157,7 @@ def _dots(tokenizer, trajectory: str = "", mode: str = "", planner: str = "", ma
         planner_backend = HFBackend(*load_model(planner))
     return DOTS(trajectory or None, mode=mode or None, planner=planner_backend, max_verify_rounds=max_verify_rounds,
                 code_retries=code_retries, code_timeout=code_timeout, constrain=bool(constrain),
-                temperature=temperature, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+                on_missing_plan=on_missing_plan, temperature=temperature, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
 
 
 def _with_oracle(strategy, oracle: int):
