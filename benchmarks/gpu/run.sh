@@ -26,6 +26,9 @@ rm -rf "$SRC/guidedecode/kernels" "$SRC/guidedecode/cli"
 cp -rs "$PWD/kernels" "$SRC/guidedecode/kernels"
 cp -rs "$PWD/cli" "$SRC/guidedecode/cli"
 export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
+# ... and never the repository's own guidedecode/ (no kernels/ inside) through the working directory, also
+# in the Python processes the tests start
+export PYTHONSAFEPATH=1
 # git may refuse a checkout owned by another user (the results record the commit): trust it for this run only
 export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0="$PWD"
 

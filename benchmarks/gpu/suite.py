@@ -42,7 +42,7 @@ ABSENT_ON_DEVICE = ("datasets", "math_verify", "outlines", "outlines_core", "ggu
 # In the device image and needed by the run.
 NEEDED = ("torch", "transformers", "triton", "tokenizers", "safetensors", "numpy", "matplotlib", "pytest",
           "pytest_timeout")
-KERNEL_TEST_FILES = ("tests/test_kernel_guidance.py", "tests/test_kernel_logprobs.py")
+KERNEL_TEST_FILES = tuple(sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py")))
 
 
 @dataclass
@@ -63,7 +63,9 @@ def gpu_test_files() -> list[str]:
 
 
 def steps(python: str) -> list[Step]:
-    py = [python]
+    # -P: no script directory or working directory in front of sys.path, so `guidedecode` comes from the
+    # package tree run.sh puts on PYTHONPATH (the repository's own guidedecode/ has no kernels/ inside)
+    py = [python, "-P"]
     pytest = [*py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=--import-mode=importlib -ra"]
     qsharp = [*py, "benchmarks/bench_qsharp.py", "--reference", "llama-3.1-8b", "--value-model", "llama-3.2-1b",
               "--no-kernel"]
@@ -101,6 +103,9 @@ class _Absent(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _Absent())
 for mod in ABSENT:
     sys.modules.pop(mod, None)
+# as on the device: no editable install of guidedecode, only the tree run.sh puts on PYTHONPATH
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
+                    and "__editable__" not in getattr(f, "__name__", "")]
 """
 
 _CHECK = """
@@ -139,7 +144,7 @@ def check_imports(python: str, plan: list[Step]) -> int:
     tests = sorted(set(gpu_test_files()) | set(KERNEL_TEST_FILES))
     code = _BLOCKER.format(absent=ABSENT_ON_DEVICE) + _CHECK.format(needed=NEEDED, benches=benches, tests=tests)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    proc = subprocess.run([python, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([python, "-P", "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     print("\n".join(line for line in tail if line.startswith(("import ok", "missing")) or " collected" in line
                     or "Error" in line))
