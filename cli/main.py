@@ -133,7 +133,9 @@ def generate(model, prompt, guide, strategy, params, max_new_tokens, temperature
     if strategy:
         chosen = build_strategy(strategy, tokenizer, parsed, context=context)
         chosen.seed = seed
-        click.echo(chosen.run(backend, [rendered])[0].text)
+        # strategies that add chat turns of their own take the messages, the others the rendered prompt
+        given = [[{"role": "user", "content": prompt}]] if getattr(chosen, "takes_messages", False) else [rendered]
+        click.echo(chosen.run(backend, given)[0].text)
     elif temperature == 0:
         click.echo(backend.greedy([rendered], max_new_tokens=max_new_tokens)[0].text)
     else:

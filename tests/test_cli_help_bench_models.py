@@ -85,6 +85,14 @@ def test_generate_strategy_honours_max_new_tokens(tiny_dir, monkeypatch):
     assert result.exit_code == 0 and set(budgets) == {3}
 
 
+def test_generate_with_a_strategy_that_renders_its_own_chat(tiny_dir):
+    """revision and dots add chat turns themselves: generate hands them the message, not the rendered prompt."""
+    for strategy, params in (("revision", ["-p", "k=2"]), ("dots", ["-p", "trajectory=CoT"])):
+        result = CliRunner().invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--strategy",
+                                          strategy, *params, "--max-new-tokens", "4", "--device", "cpu"])
+        assert result.exit_code == 0, (strategy, result.output, result.exception)
+
+
 # ------------------------------------------------------------------------------------------ 8.17
 
 
