@@ -189,3 +189,40 @@ def test_eval_with_the_vllm_backend_records_a_complete_run(llm, tmp_path):
                     backend="vllm", strategy="self-consistency", params={"n": "3"}, task_options={"level": 1})
     run_eval(sc, tmp_path / "sc", engine=llm, progress=False)
     assert len((tmp_path / "sc" / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_planner_merged_export_served_with_the_planning_processor(tmp_path, monkeypatch):
+    """A planner's merged export (extended vocabulary, LoRA merged; here untrained) loads in vLLM, and the
+    PlanningTokens processor gives HF generate's greedy tokens with PlanningTokenGuide, block grammar held."""
+    from guidedecode.guides.planning import PlanningTokenGuide
+    from guidedecode.planning import trace_stats
+    from guidedecode.training.planner import PlannerConfig, export_planner, load_planner, prepare_planner
+    from guidedecode.vllm import PlanningTokens
+    from guidedecode.vllm.processors import PLANNER_ENV
+
+    prepared = prepare_planner(PlannerConfig(examples=8, seed=0), tmp_path / "run")
+    export_planner(prepared, tmp_path / "export")
+    merged = tmp_path / "export" / "merged"
+    model, tok, vocab = load_planner(tmp_path / "export")  # the merged checkpoint
+    model = model.float()
+    monkeypatch.setenv(PLANNER_ENV, str(merged))
+    engine = vllm.LLM(str(merged), dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20,
+                      max_model_len=1024, seed=0, logits_processors=[PlanningTokens])
+    try:
+        prompt = tok.apply_chat_template([{"role": "user", "content": "Is the sky blue? Think step by step."}],
+                                         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt = list(prompt) + [vocab.ids("prefix")[0]]  # a block opened: the guides must complete it
+        args = {"planning": 1, "planning_force_type": "memory", "planning_max_steps": 2}
+        out = engine.generate([{"prompt_token_ids": prompt}],
+                              vllm.SamplingParams(temperature=0.0, max_tokens=40, extra_args=args), use_tqdm=False)
+        got = list(out[0].outputs[0].token_ids)
+    finally:
+        del engine
+    guide = PlanningTokenGuide(vocab, force_type="memory", max_steps=2)
+    ids = torch.tensor([prompt])
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                          logits_processor=[guide], pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert got == want[: len(got)] and len(got) >= min(len(want), 40) - 1
+    stats = trace_stats([vocab.ids("prefix")[0]] + got, vocab, tok)
+    assert stats["malformed_blocks"] == 0 and sum(stats["types"].values()) >= 1, stats  # the opened block led to a type block
+    assert "reason" not in stats["types"]  # planning_force_type=memory held
