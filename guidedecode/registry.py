@@ -194,7 +194,28 @@ def _load_value_model(directory: str, tokenizer, model, who: str):
     return vm
 
 
-GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty, "qsharp": _qsharp}
+def _planning(tokenizer, planner: str = "", force_type: str = "", ban_types: str = "", memory_before_reason: int = 0,
+              max_steps: int = -1, complete_blocks: int = 1, multi_type: int = 0):
+    """Planning-token block completion and type steering (``guidedecode train planner``). ``planner``: a
+    planner run or model directory holding ``planning_tokens.json`` (default: the model's own directory);
+    ``ban_types``: comma-separated; ``max_steps=-1``: no limit; ``multi_type=1`` for the arith scheme."""
+    from pathlib import Path
+
+    from guidedecode.guides.planning import PlanningTokenGuide
+    from guidedecode.planning import PlanningVocab
+
+    directory = Path(planner or getattr(tokenizer, "name_or_path", "") or ".")
+    if (directory / "merged" / "planning_tokens.json").is_file():
+        directory = directory / "merged"
+    return PlanningTokenGuide(PlanningVocab.from_pretrained(directory), tokenizer=tokenizer,
+                              force_type=force_type or None, ban_types=[t for t in ban_types.split(",") if t],
+                              memory_before_reason=bool(memory_before_reason),
+                              max_steps=None if max_steps < 0 else max_steps, complete_blocks=bool(complete_blocks),
+                              multi_type=bool(multi_type), eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+
+
+GUIDES: dict[str, Callable] = {"presence-penalty": _presence_penalty, "qsharp": _qsharp, "planning": _planning}
 STRATEGIES: dict[str, Callable] = {
     "best-of-n": _best_of_n,
     "self-consistency": _self_consistency,
