@@ -117,12 +117,7 @@ def tiny_dir(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: tiny models, one thread
 
 
 def _eval_config(tiny_dir):

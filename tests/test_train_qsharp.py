@@ -77,13 +77,7 @@ def tasks(monkeypatch):
     monkeypatch.setitem(task_base._REGISTRY, ConstantTask.name, ConstantTask)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by thread hand-off on a shared CPU: run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")
