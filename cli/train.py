@@ -23,6 +23,13 @@ TRAINERS = {
 }
 
 
+def backend_option(what: str):
+    """``--backend hf|vllm``: where a trainer's data collection (``what``) generates."""
+    return click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+                        help=f"where {what} runs: hf (transformers generate on the loaded model) or vllm (a vLLM "
+                             "engine of --model; needs the vllm extra)")
+
+
 class _LazyTrainers(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(TRAINERS)

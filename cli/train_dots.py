@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from guidedecode.cli.train import backend_option
+
 
 def _split_method(args: list[str]) -> tuple[str | None, list[str]]:
     """The ``--method`` value (None if absent) and the arguments without it."""
@@ -88,10 +90,12 @@ METHOD_HELP = ("planning-tokens: the options below; dots: DOTS reasoning-action 
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="run directory: search/, explain.jsonl, sft.jsonl, train/, planner/, metrics.json")
 @click.option("--device", default=None)
+@backend_option("the search and explain stages")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def dots(task, level, data, split, questions, solver, explainer, base_model, format_, target, preset, rounds, samples,
          keep, temperature, max_new_tokens, max_verify_rounds, code_timeout, upsample, lora, lora_r, epochs, lr,
-         batch_size, grad_accum, max_length, dev_fraction, save_every, seed, stage, out, device, quiet) -> None:
+         batch_size, grad_accum, max_length, dev_fraction, save_every, seed, stage, out, device, backend,
+         quiet) -> None:
     """Train a DOTS planner (Yue et al., arXiv 2410.03864).
 
     \b
@@ -124,7 +128,8 @@ def dots(task, level, data, split, questions, solver, explainer, base_model, for
                                base_model=base_model, format=format_, target=target, upsample=upsample,
                                search=search_config, lora=lora, lora_r=lora_r, epochs=epochs, lr=lr,
                                batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-                               dev_fraction=dev_fraction, seed=seed, save_every=save_every, device=device)
+                               dev_fraction=dev_fraction, seed=seed, save_every=save_every, device=device,
+                               backend=backend)
     started = time.perf_counter()
     metrics = run_dots_pipeline(config, out, stages=STAGES if stage == "all" else (stage,), progress=not quiet)
     click.echo(json.dumps(metrics, indent=2))

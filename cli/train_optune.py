@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from guidedecode.cli.train import backend_option
 from guidedecode.training.optune import OpTuneTrainConfig, run
 
 
@@ -56,10 +57,11 @@ def _task_options(values: tuple[str, ...]) -> dict:
 @click.option("--save-every", default=20, show_default=True, help="optimizer steps between checkpoints")
 @click.option("--seed", default=0, show_default=True, help="sampling, split, order and dropout seed")
 @click.option("--device", default=None, help="torch device (cpu, cuda); default: where the model loads")
+@backend_option("the attempts stage")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def optune(model, task, task_options, data, out, questions, attempts, temperature, top_p, max_new_tokens,
            include_correct, positive_feedback, modules, layers, rank, eta_init, epochs, lr, batch_size, grad_accum,
-           max_length, dev_fraction, save_every, seed, device, quiet) -> None:
+           max_length, dev_fraction, save_every, seed, device, backend, quiet) -> None:
     """Meta-train an OpTune editor (Li, Lyu, Wang, arXiv 2502.15771).
 
     \b
@@ -79,7 +81,7 @@ def optune(model, task, task_options, data, out, questions, attempts, temperatur
                                modules=[m.strip() for m in modules.split(",") if m.strip()], layers=layer_list,
                                rank=rank, eta_init=eta_init, epochs=epochs, lr=lr, batch_size=batch_size,
                                grad_accum=grad_accum, max_length=max_length, dev_fraction=dev_fraction,
-                               save_every=save_every, seed=seed, device=device)
+                               save_every=save_every, seed=seed, device=device, backend=backend)
     started = time.perf_counter()
     metrics = run(config, out, progress=not quiet)
     click.echo(json.dumps(metrics, indent=2))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from guidedecode.cli.train import backend_option
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -68,6 +70,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="weights dtype of the policy and value model (default: as stored)")
+@backend_option("collection (roll-ins and roll-outs)")
 @click.option("--quiet", is_flag=True, help="no progress bars or log lines")
 def qsharp(task, level, out_dir, quiet, **options) -> None:
     """Train a Q♯ value model for guided decoding (paper arXiv 2502.20548, Algorithm 1).

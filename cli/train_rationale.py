@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from guidedecode.cli.train import backend_option
 from guidedecode.training.rationale import (
     DEFAULT_TAUS,
     EXTRACT_MODES,
@@ -87,9 +88,11 @@ TAU_HELP = (
 @click.option("--device", default=None, help="torch device (cpu, cuda); default: where the model loads")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="weights dtype of the scorer and the model to fine-tune (default: as stored)")
+@backend_option("the extract and filter stages")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, lr, batch_size, extract_mode,
-              max_rationales, max_new_tokens, max_length, save_every, threshold, seed, device, dtype, quiet) -> None:
+              max_rationales, max_new_tokens, max_length, save_every, threshold, seed, device, dtype, backend,
+              quiet) -> None:
     """Extract, align, filter and fine-tune on implicit rationales (RATIONALYST, arXiv 2410.01044).
 
     \b
@@ -120,7 +123,8 @@ def rationale(model, base_model, data, out, records, stage, taus, lora, epochs, 
     config = PipelineConfig(out=out, data=Path(data), model=model, base_model=base_model, records=records,
                             taus=per_source, default_tau=default_tau, extract_mode=extract_mode,
                             max_rationales=max_rationales or None, max_new_tokens=max_new_tokens,
-                            extract_batch_size=batch_size, threshold=threshold, device=device, dtype=dtype, sft=sft)
+                            extract_batch_size=batch_size, threshold=threshold, device=device, dtype=dtype,
+                            backend=backend, sft=sft)
     started = time.perf_counter()
     metrics = run_pipeline(config, STAGES if stage == "all" else (stage,), progress=not quiet)
     click.echo(json.dumps(metrics, indent=2))

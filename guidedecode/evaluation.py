@@ -120,7 +120,7 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
         raise ValidationError("an engine was given but the config's backend is 'hf'")
     if config.backend == "vllm":
         if engine is None:
-            engine, request_args = _vllm_engine(config, device=device, dtype=dtype)
+            engine, request_args = _vllm_engine(config, dtype=dtype)
         elif config.guide:
             from guidedecode.vllm.engine import guide_request
 
@@ -355,10 +355,8 @@ def summarize(records: list[dict], ids: list[str], config: EvalConfig) -> dict:
     return summary
 
 
-def _vllm_engine(config: EvalConfig, *, device=None, dtype=None):
+def _vllm_engine(config: EvalConfig, *, dtype=None):
     """(``vllm.LLM``, per-request ``extra_args``) for ``--backend vllm``: the guide as its processor."""
-    import torch
-
     from guidedecode.vllm import require_vllm
     from guidedecode.vllm.engine import build_engine, guide_request
 
@@ -367,11 +365,8 @@ def _vllm_engine(config: EvalConfig, *, device=None, dtype=None):
     if config.guide:
         processor, _, request_args = guide_request(config.guide, config.params)
         processors = [processor]
-    options = {}
-    if str(device or "cpu").startswith("cpu") and not torch.cuda.is_available():
-        options["kv_cache_memory_bytes"] = 1 << 30  # vLLM's CPU default reserves most of the memory
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
-    return build_engine(config.model, processors=processors, dtype=name, seed=config.seed, **options), request_args
+    return build_engine(config.model, processors=processors, dtype=name, seed=config.seed), request_args
 
 
 def _check_or_write_config(path: Path, config: EvalConfig) -> None:

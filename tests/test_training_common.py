@@ -204,3 +204,57 @@ def test_fit_decay_1d_decays_norm_weights_and_is_listed_only_when_on(tmp_path):
     assert not torch.equal(norms[0], norms[1])
     initial = tiny_model("llama", seed=1).model.norm.weight.detach()
     torch.testing.assert_close(norms[1], norms[0] - 1e-2 * 0.5 * initial, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- collection backend
+TRAINER_CONFIGS = {
+    "qsharp": ("guidedecode.training.qsharp", "QSharpTrainConfig"),
+    "optune": ("guidedecode.training.optune", "OpTuneTrainConfig"),
+    "dots": ("guidedecode.training.dots", "DotsPlannerConfig"),
+}
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINER_CONFIGS))
+def test_trainer_backend_is_checked_before_any_model_loads(trainer, monkeypatch):
+    """An unknown backend is a TrainingError; ``vllm`` without a supported vLLM is a clear install error
+    (the real vLLM case runs in tests/vllm/test_vllm_trainers.py)."""
+    import importlib
+    import sys
+
+    from guidedecode.vllm import VLLMUnavailableError
+
+    module, name = TRAINER_CONFIGS[trainer]
+    config_class = getattr(importlib.import_module(module), name)
+    with pytest.raises(TrainingError, match="unknown backend 'tgi'"):
+        config_class(backend="tgi").validate()
+    monkeypatch.setitem(sys.modules, "vllm", None)  # vLLM absent (also where the vLLM venv runs this suite)
+    with pytest.raises(VLLMUnavailableError, match="vLLM is not installed"):
+        config_class(backend="vllm").validate()
+    config_class(backend="hf").validate()
+
+
+def test_rationale_backend_is_checked_before_any_model_loads(tmp_path, monkeypatch):
+    import sys
+
+    from guidedecode.training.rationale import PipelineConfig, run_pipeline
+    from guidedecode.vllm import VLLMUnavailableError
+
+    def loader(*args, **kwargs):
+        raise AssertionError("no model may load for a bad backend")
+
+    with pytest.raises(TrainingError, match="unknown backend"):
+        run_pipeline(PipelineConfig(out=tmp_path, data=tmp_path / "x.jsonl", model="m", backend="tgi"), loader=loader)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(VLLMUnavailableError, match="vLLM is not installed"):
+        run_pipeline(PipelineConfig(out=tmp_path, data=tmp_path / "x.jsonl", model="m", backend="vllm"), loader=loader)
+
+
+@pytest.mark.parametrize("trainer", ["qsharp", "rationale", "optune", "planner --method dots"])
+def test_trainer_cli_offers_the_vllm_backend(trainer):
+    from click.testing import CliRunner
+
+    from guidedecode.cli.main import app
+
+    result = CliRunner().invoke(app, ["train", *trainer.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--backend [hf|vllm]" in result.output

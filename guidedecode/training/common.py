@@ -9,6 +9,8 @@ Every ``guidedecode train <scorer>`` run is a directory that a killed run resume
   items and appends each chunk's records to a JSONL file (fsynced), skipping the items already there;
   the chunk index is passed on so per-chunk seeds make a resumed run write the same records; at the
   end the file must hold every item's record.
+* **Collection backend**: :func:`collection_backend` is what a trainer generates (and scores) its data
+  with: ``HFBackend`` on the loaded model, or ``VLLMBackend`` on a vLLM engine (``--backend vllm``).
 * **Examples and losses**: an :class:`LMExample` is ``(input_ids, labels)`` with ``-100`` on the
   tokens outside the loss; :func:`collate` right-pads a batch; :func:`masked_loss_sum` returns
   ``(sum_t -log p(y_t | y_<t), #labelled tokens)`` computing logits only where a label is;
@@ -51,6 +53,7 @@ from guidedecode.errors import TrainingError
 from guidedecode.records import append_jsonl, check_complete, read_jsonl, write_json
 
 __all__ = [
+    "COLLECTION_BACKENDS",
     "FitConfig",
     "FitResult",
     "LMExample",
@@ -58,6 +61,7 @@ __all__ = [
     "check_settings",
     "collate",
     "collect_resumable",
+    "collection_backend",
     "fit",
     "held_out_loss",
     "load_trainable",
@@ -172,6 +176,41 @@ def collect_resumable(items: Sequence, path: str | os.PathLike, work: Callable[[
 
 # =============================================================================================
 # Examples, batches, losses
+
+
+COLLECTION_BACKENDS = ("hf", "vllm")
+"""Where a trainer's data collection runs: transformers ``generate`` or a vLLM engine."""
+
+
+def check_collection_backend(kind: str) -> str:
+    """``kind`` if it is a known backend (for ``"vllm"``: and a supported vLLM is installed)."""
+    if kind not in COLLECTION_BACKENDS:
+        raise TrainingError(f"unknown backend {kind!r}: choose from {', '.join(COLLECTION_BACKENDS)}")
+    if kind == "vllm":
+        from guidedecode.vllm import require_vllm
+
+        require_vllm()
+    return kind
+
+
+def collection_backend(kind: str, model: str, *, load: Callable[[], tuple], batch_size: int, seed: int = 0,
+                       dtype: str | None = None, processors: Sequence = ()):
+    """The backend a trainer collects its data with (both give ``sample`` / ``greedy`` / ``score``).
+
+    ``"hf"``: :class:`~guidedecode.backends.HFBackend` on ``load()`` (``(model, tokenizer)``), ``batch_size``
+    sequences per ``generate`` call. ``"vllm"``: :class:`~guidedecode.vllm.VLLMBackend` on a new vLLM engine
+    of ``model`` with ``processors`` as its logits processors (vLLM batches by itself; a clear error when
+    vLLM is missing or unsupported). ``dtype``: the weights' dtype (default: as stored), for both.
+    """
+    check_collection_backend(kind)
+    if kind == "vllm":
+        from guidedecode.vllm.engine import build_backend
+
+        name = str(dtype).removeprefix("torch.") if dtype is not None else None
+        return build_backend(model, processors=processors, dtype=name, seed=seed)
+    from guidedecode.backends import HFBackend
+
+    return HFBackend(*load(), batch_size=batch_size)
 
 
 class LMExample(NamedTuple):

@@ -4,7 +4,7 @@ Stages and files of a run directory (every stage resumes; a rerun of the same co
 done and refuses a directory made with other settings):
 
 ``search``   :func:`guidedecode.dots.search.search` (Algorithm 1) on the training questions with the
-             solver model: ``search/runs.jsonl`` (every run: trajectory, dialogue, prediction, score),
+             solver model (transformers, or a vLLM engine with ``backend="vllm"``): ``search/runs.jsonl`` (every run: trajectory, dialogue, prediction, score),
              ``search/search.jsonl`` (per question: success table, best trajectory or all-pass/all-fail).
 ``explain``  for each kept question, one paragraph on why its best trajectory fits, written greedily
              by the explainer model (default: the solver) from
@@ -33,6 +33,7 @@ from guidedecode.dots.planner import explanation_prompt, plan_text, planner_prom
 from guidedecode.dots.search import PRESETS, SearchConfig, search
 from guidedecode.errors import TrainingError
 from guidedecode.records import read_jsonl, write_json
+from guidedecode.training.common import check_collection_backend
 
 __all__ = ["DotsPlannerConfig", "STAGES", "build_sft", "explain", "run_dots_pipeline"]
 
@@ -70,8 +71,10 @@ class DotsPlannerConfig:
     batch_size_generate: int = 16
     explain_max_new_tokens: int = 160
     device: str | None = None
+    backend: str = "hf"  # where search and explain generate: "hf" or "vllm" (a vLLM engine per model)
 
     def validate(self) -> None:
+        check_collection_backend(self.backend)
         if self.format not in FORMATS:
             raise TrainingError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.target not in TARGETS:
@@ -85,7 +88,7 @@ class DotsPlannerConfig:
     def settings(self, stage: str) -> dict:
         """What a stage's output depends on (a resumed stage must match), as plain JSON values."""
         values = json.loads(json.dumps(asdict(self)))
-        base = {k: values[k] for k in ("task", "task_options", "data", "split", "questions", "solver")}
+        base = {k: values[k] for k in ("task", "task_options", "data", "split", "questions", "solver", "backend")}
         base["search"] = values["search"]
         if stage == "search":
             return base
@@ -153,9 +156,8 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
     ``models``: already-loaded ``(model, tokenizer)`` pairs by name; ``backends``: ready backends by name
     for the solver / explainer; ``check(texts, problems)``: the search's checker (default: the task's
     ``check_many``)."""
-    from guidedecode.backends import HFBackend
     from guidedecode.tasks import get_task
-    from guidedecode.training.common import check_settings, collect_resumable
+    from guidedecode.training.common import check_settings, collect_resumable, collection_backend
 
     config.validate()
     unknown = [s for s in stages if s not in STAGES]
@@ -177,7 +179,8 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
 
     def backend(name: str):
         if name not in ready:
-            ready[name] = HFBackend(*load(name), batch_size=config.batch_size_generate)
+            ready[name] = collection_backend(config.backend, name, load=lambda: load(name),
+                                             batch_size=config.batch_size_generate, seed=config.seed)
         return ready[name]
 
     task = get_task(config.task, **config.task_options)

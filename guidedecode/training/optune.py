@@ -3,7 +3,8 @@
 Stages of a run directory (each resumes after a kill; rerunning the same command continues it):
 
 ``attempts``  ``attempts.jsonl``: K sampled attempts per training question from the base model (T 0.6,
-              top-p 0.95 by default), each judged against the gold answer by the task's checker.
+              top-p 0.95 by default), each judged against the gold answer by the task's checker; sampled
+              with transformers or, with ``backend="vllm"``, on a vLLM engine.
 ``stats``     ``stats.safetensors``: running (Welford) mean / std of the captured ``x_t`` and ``δ_t`` over all
               tokens of all training edit sequences, computed in one pass at the base weights, then frozen.
 ``train``     ``train/``: the editor's transforms and steps η trained on
@@ -36,7 +37,8 @@ from guidedecode.backends.hf import left_pad
 from guidedecode.deltas.injector import DeltaInjector
 from guidedecode.deltas.optune import INCORRECT, Captured, OpTuneConfig, OpTuneEditor, _key
 from guidedecode.errors import TrainingError
-from guidedecode.training.common import FitConfig, check_settings, collect_resumable, fit, split_dev
+from guidedecode.training.common import (FitConfig, check_collection_backend, check_settings, collect_resumable,
+                                         collection_backend, fit, split_dev)
 
 CORRECT = "Your answer is correct."
 
@@ -72,8 +74,10 @@ class OpTuneTrainConfig:
     save_every: int = 20
     generate_batch: int = 8
     device: str | None = None
+    backend: str = "hf"  # where the attempts are sampled: "hf" or "vllm" (a vLLM engine of ``model``)
 
     def validate(self) -> None:
+        check_collection_backend(self.backend)
         for name in ("attempts", "epochs", "batch_size", "grad_accum", "max_new_tokens", "max_length", "rank"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -187,10 +191,11 @@ def _finite_or_zero(objective: MetaObjective):
     return hook
 
 
-def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = True, on_step=None) -> dict:
+def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = True, on_step=None,
+        backend=None) -> dict:
     """All stages (see the module docstring); returns the metrics written to ``out/metrics.json``.
-    ``on_step(global_step)`` runs after every optimizer step (and its checkpoint)."""
-    from guidedecode.backends.hf import HFBackend
+    ``on_step(global_step)`` runs after every optimizer step (and its checkpoint); ``backend``: a ready
+    backend of ``config.model`` for the attempts (default: built from ``config.backend``)."""
     from guidedecode.models import load_model
     from guidedecode.tasks import get_task
 
@@ -205,7 +210,9 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
         raise TrainingError("no training questions")
 
     # ---- attempts
-    backend = HFBackend(model, tokenizer, batch_size=max(config.generate_batch, config.attempts))
+    if backend is None:
+        backend = collection_backend(config.backend, config.model, load=lambda: (model, tokenizer),
+                                     batch_size=max(config.generate_batch, config.attempts), seed=config.seed)
 
     def attempts(chunk, index):
         rendered = [backend.chat_prompt(task.messages(p)) for p in chunk]

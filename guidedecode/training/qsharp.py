@@ -15,6 +15,9 @@ Algorithm 1; reference code ``jinpz/q_sharp`` (``collect_training_data.py``, ``c
    is the last token of y (EOS or budget spent) the continuation is empty, i.e. the roll-in is reused.
 4. label: r = task.check(decode(y[:c+1] + continuation)) ∈ {0, 1}.
 
+Sampling runs in transformers ``generate`` (:class:`Policy`) or, with ``backend="vllm"``, in a vLLM engine
+(:class:`VLLMPolicy`; the guided roll-in is its Q♯ logits processor); training is transformers either way.
+
 One JSONL line per problem, lists over the K repeats (field names as in the reference).
 
 **Combine**: the union of all finished rounds' records → one :class:`Example` per roll-out.
@@ -61,7 +64,7 @@ from guidedecode import validation as v
 from guidedecode.errors import GuideError, TrainingError
 from guidedecode.records import read_json, write_json
 from guidedecode.records import read_jsonl as _read_jsonl
-from guidedecode.training.common import atomic_dir, collect_resumable
+from guidedecode.training.common import atomic_dir, check_collection_backend, collect_resumable
 
 HEADS = ("v", "q")
 LOSSES = ("bce", "mse", "mle")
@@ -114,9 +117,11 @@ class QSharpTrainConfig:
     seed: int = 0
     device: str | None = None
     dtype: str | None = None  # weights dtype of the policy and value model (float32, bfloat16, float16)
+    backend: str = "hf"  # where roll-ins and roll-outs are sampled: "hf" (generate) or "vllm" (a vLLM engine)
 
     def validate(self) -> None:
         error = TrainingError
+        check_collection_backend(self.backend)
         for name in ("model", "task", "split"):
             v.string(name, getattr(self, name), error=error)
         for name in ("value_backbone", "data", "device", "dtype"):
@@ -190,9 +195,41 @@ def derive_seed(*parts: Any) -> int:
 # --------------------------------------------------------------------------------- collection
 
 
+class _Sampler:
+    """What collection needs around the reference model π_ref, whichever engine samples it.
+
+    ``sample(prompts, n=, max_new_tokens=, temperature=, top_p=, seed=, guide=)`` returns ``n`` continuations
+    per prompt (prompt-major rows), each cut after its first EOS of the full EOS set; ``roll_in_guide``
+    makes the ``guide`` that steers it with a saved value model (round r > 1)."""
+
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The chat-templated prompt with the generation prompt, as token ids."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise TrainingError("the tokenizer has no chat template: Q♯ collection prompts with chat messages")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise TrainingError("a prompt tokenised to zero tokens")
+        return ids
+
+    def cut_at_eos(self, tokens: Sequence[int]) -> list[int]:
+        """Tokens up to and including the first EOS (all of them when there is none)."""
+        tokens = list(tokens)
+        for i, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                return tokens[: i + 1]
+        return tokens
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
 @dataclass
-class Policy:
-    """The reference model and what collection needs around it."""
+class Policy(_Sampler):
+    """π_ref as a transformers model: sampled with ``generate``, guided by a :class:`QSharpGuide`."""
 
     model: Any
     tokenizer: Any
@@ -214,27 +251,16 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The chat-templated prompt with the generation prompt, as token ids."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise TrainingError("the tokenizer has no chat template: Q♯ collection prompts with chat messages")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise TrainingError("a prompt tokenised to zero tokens")
-        return ids
+    def roll_in_guide(self, value_model_dir: Path, *, eta: float, top_k: int, temperature: float, top_p: float):
+        from guidedecode.guides.qsharp import QSharpGuide
 
-    def cut_at_eos(self, tokens: Sequence[int]) -> list[int]:
-        """Tokens up to and including the first EOS (all of them when there is none)."""
-        tokens = list(tokens)
-        for i, token in enumerate(tokens):
-            if token in self.eos_token_ids:
-                return tokens[: i + 1]
-        return tokens
+        value_model = _load_value_model(value_model_dir, self.device, self.tokenizer)
+        return QSharpGuide(value_model, eta=eta, mode="mle" if value_model.config.loss == "mle" else "bernoulli",
+                           top_k=top_k, tokenizer=self.tokenizer, temperature=temperature, top_p=top_p,
+                           eos_token_id=list(self.eos_token_ids), pad_token_id=self.pad_token_id)
 
     def sample(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                seed: int, guide=None) -> list[list[int]]:
-        """``n`` sampled continuations per prompt (prompt-major rows), each cut after its first EOS."""
         from guidedecode.backends.hf import left_pad
 
         ids, mask = left_pad(prompts, self.pad_token_id, self.device)
@@ -248,8 +274,45 @@ class Policy:
             )
         return [self.cut_at_eos(row) for row in output[:, ids.shape[1]:].tolist()]
 
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+class VLLMPolicy(_Sampler):
+    """π_ref in a vLLM engine (:class:`~guidedecode.vllm.VLLMBackend`): every prompt its own seed, EOS = the
+    full EOS set (``stop_token_ids``); the guided roll-in is the engine's :class:`guidedecode.vllm.QSharp`
+    processor with the value model named per request (the engine must be built with it)."""
+
+    def __init__(self, backend):
+        self.llm = backend.llm
+        self.tokenizer = backend.tokenizer
+        self.eos_token_ids = tuple(backend.eos_token_ids)
+        if not self.eos_token_ids:
+            raise TrainingError("the served model and tokenizer define no EOS token: responses could never end")
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else min(self.eos_token_ids))  # as Policy.from_model
+
+    def roll_in_guide(self, value_model_dir: Path, *, eta: float, top_k: int, temperature: float, top_p: float):
+        mode = "mle" if _saved_loss(value_model_dir) == "mle" else "bernoulli"
+        return {"qsharp_eta": float(eta), "qsharp_top_k": int(top_k), "qsharp_value_model": str(value_model_dir),
+                "qsharp_mode": mode}
+
+    def sample(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+               seed: int, guide=None) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        from guidedecode.vllm.backend import prompt_seed
+
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
+                                 seed=prompt_seed(seed, i), stop_token_ids=list(self.eos_token_ids),
+                                 detokenize=False, extra_args=dict(guide) if guide else None)
+                  for i in range(len(prompts))]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [self.cut_at_eos(o.token_ids) for output in outputs
+                for o in sorted(output.outputs, key=lambda o: o.index)]
+
+
+def _saved_loss(directory: Path) -> str | None:
+    """The training loss recorded in a saved value model's ``config.json``."""
+    config = read_json(Path(directory) / "config.json", error=TrainingError)
+    return config.get("loss") if isinstance(config, dict) else None
 
 
 def draw_cuts(seed: int, round_index: int, problem_id: str, lengths: Sequence[int]) -> list[int]:
@@ -263,7 +326,7 @@ def draw_cuts(seed: int, round_index: int, problem_id: str, lengths: Sequence[in
     return cuts
 
 
-def collect_chunk(policy: Policy, task, problems: Sequence, *, round_index: int, chunk_index: int,
+def collect_chunk(policy: _Sampler, task, problems: Sequence, *, round_index: int, chunk_index: int,
                   config: QSharpTrainConfig, guide=None, roll_in_eta: float = 0.0) -> list[dict]:
     """Roll-in, cut, roll-out and label ``config.samples`` repeats of each problem; one record each."""
     k, budget = config.samples, config.max_new_tokens
@@ -315,25 +378,22 @@ def collect_chunk(policy: Policy, task, problems: Sequence, *, round_index: int,
     return records
 
 
-def collect(policy: Policy, task, problems: Sequence, path: Path, *, round_index: int, config: QSharpTrainConfig,
-            value_model=None, progress: bool = False,
+def collect(policy: _Sampler, task, problems: Sequence, path: Path, *, round_index: int, config: QSharpTrainConfig,
+            value_model_dir: Path | None = None, progress: bool = False,
             on_chunk: Callable[[int], None] | None = None) -> list[dict]:
     """Collect round ``round_index`` into ``path`` (JSONL), skipping problems already there; the
     records of ``problems`` in their order (:func:`~guidedecode.training.common.collect_resumable`).
 
     Problems go in fixed chunks (by index) with per-chunk seeds, so a resumed run writes the same
-    records as an uninterrupted one. ``value_model`` guides the roll-in at ``config.roll_in_eta``
-    (round > 1); with eta 0 or no value model the roll-in is π_ref and the value model is not called.
+    records as an uninterrupted one. The value model saved in ``value_model_dir`` guides the roll-in at
+    ``config.roll_in_eta`` (round > 1); with eta 0 or no value model the roll-in is π_ref and no value
+    model is loaded.
     """
-    eta = config.roll_in_eta if (round_index > 1 and value_model is not None) else 0.0
+    eta = config.roll_in_eta if (round_index > 1 and value_model_dir is not None) else 0.0
     guide = None
     if eta > 0:
-        from guidedecode.guides.qsharp import QSharpGuide
-
-        guide = QSharpGuide(value_model, eta=eta, mode="mle" if value_model.config.loss == "mle" else "bernoulli",
-                            top_k=config.guide_top_k, tokenizer=policy.tokenizer, temperature=config.temperature,
-                            top_p=config.top_p, eos_token_id=list(policy.eos_token_ids),
-                            pad_token_id=policy.pad_token_id)
+        guide = policy.roll_in_guide(value_model_dir, eta=eta, top_k=config.guide_top_k,
+                                     temperature=config.temperature, top_p=config.top_p)
 
     def work(chunk: list, index: int) -> list[dict]:
         if guide is not None and hasattr(guide, "reset"):
@@ -644,9 +704,12 @@ def load_checkpoint_state(checkpoint: Path) -> dict | None:
 
 def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool = True,
         log: Callable[[str], None] | None = None, on_chunk: Callable[[int], None] | None = None,
-        on_step: Callable[[int], None] | None = None) -> dict:
+        on_step: Callable[[int], None] | None = None, backend=None) -> dict:
     """All rounds: collect → combine → train → evaluate; resumes whatever ``out_dir`` already holds.
 
+    ``config.backend == "vllm"``: roll-ins and roll-outs are sampled in a vLLM engine of ``config.model``
+    (built here with :class:`guidedecode.vllm.QSharp` loaded, or ``backend``: a ready
+    :class:`~guidedecode.vllm.VLLMBackend` whose engine has it); training stays in transformers.
     Returns the content of ``out_dir/metrics.json``.
     """
     from guidedecode.models import load_model, resolve_device
@@ -665,9 +728,14 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
         raise TrainingError(f"task '{config.task}' has duplicate problem ids")
     train_ids, held_ids = split_problems(ids, config.held_out, config.seed)
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
-    policy = Policy.from_model(model, tokenizer)
-    say(f"{len(problems)} problems: {len(train_ids)} train, {len(held_ids)} held out; eos ids {policy.eos_token_ids}")
+    model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)  # also the value backbone
+    if config.backend == "vllm":
+        policy = VLLMPolicy(backend if backend is not None else _vllm_backend(config))
+        check_same_tokenizer(policy.tokenizer, tokenizer)
+    else:
+        policy = Policy.from_model(model, tokenizer)
+    say(f"{len(problems)} problems: {len(train_ids)} train, {len(held_ids)} held out; eos ids {policy.eos_token_ids}"
+        f"; collecting with {config.backend}")
 
     summaries: list[dict] = []
     previous_model = None
@@ -680,12 +748,10 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
             previous_model = directory / "model"
             say(f"round {round_index}: already finished")
             continue
-        roll_in_model = None
-        if round_index > 1 and config.roll_in_eta > 0:  # eta 0: pure π_ref, the value model is never loaded
-            roll_in_model = _load_value_model(previous_model, device, tokenizer)
+        # eta 0: pure π_ref, the value model is never loaded
+        roll_in_dir = previous_model if round_index > 1 and config.roll_in_eta > 0 else None
         records = collect(policy, task, problems, directory / "data.jsonl", round_index=round_index, config=config,
-                          value_model=roll_in_model, progress=progress, on_chunk=on_chunk)
-        del roll_in_model
+                          value_model_dir=roll_in_dir, progress=progress, on_chunk=on_chunk)
         wanted = set(ids)  # earlier rounds' files may hold other problems (a run resumed with other --problems)
         all_rounds = [[r for r in read_jsonl(out / f"round-{i}" / "data.jsonl") if r["id"] in wanted]
                       for i in range(1, round_index)] + [records]
@@ -731,6 +797,25 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
     result = {"rounds": summaries, "final": summaries[-1], "model": str(previous_model)}
     write_json(out / "metrics.json", result)
     return result
+
+
+def _vllm_backend(config: QSharpTrainConfig):
+    """A VLLMBackend for collection, its engine carrying the Q# processor when a round is guided."""
+    from guidedecode.training.common import collection_backend
+
+    processors = []
+    if config.rounds > 1 and config.roll_in_eta > 0:
+        from guidedecode.vllm import QSharp
+
+        processors = [QSharp]
+    return collection_backend("vllm", config.model, load=None, batch_size=config.gen_batch_size, seed=config.seed,
+                              dtype=config.dtype, processors=processors)
+
+
+def check_same_tokenizer(served, loaded) -> None:
+    """The engine and the transformers copy must read the same token ids (the value model trains on them)."""
+    if served.get_vocab() != loaded.get_vocab():
+        raise TrainingError("the vLLM engine's tokenizer differs from the model's: collect and train on one model")
 
 
 def _initial_value_model(config: QSharpTrainConfig, previous_model: Path | None, device, reference, tokenizer,

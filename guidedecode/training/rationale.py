@@ -820,16 +820,21 @@ class PipelineConfig:
     gamma: float = GAMMA
     device: str | None = None
     dtype: str | None = None  # weights dtype of the scorer and the SFT base (float32, bfloat16, float16)
+    backend: str = "hf"  # where extract generates and filter scores: "hf" or "vllm" (a vLLM engine of ``model``)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, progress: bool = False,
-                 loader: Callable | None = None) -> dict:
-    """Run the requested stages in order (each reads the previous stage's file); return metrics.json."""
-    from guidedecode.backends import HFBackend
+                 loader: Callable | None = None, backend=None) -> dict:
+    """Run the requested stages in order (each reads the previous stage's file); return metrics.json.
+
+    ``backend``: a ready backend of ``config.model`` for extract and filter (default: built from
+    ``config.backend`` on first use); ``loader``: what loads a model by name (default ``load_model``)."""
     from guidedecode.models import load_model
+    from guidedecode.training.common import check_collection_backend, collection_backend
 
     loader = loader or load_model
+    check_collection_backend(config.backend)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TrainingError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
@@ -847,20 +852,21 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     placement = {"dtype": config.dtype} if config.dtype else {}
-    backend = None
 
     def scorer_backend():
         nonlocal backend
         if backend is None:
-            model, tokenizer = loader(config.model, device=config.device, **placement)
-            backend = HFBackend(model, tokenizer, batch_size=max(config.extract_batch_size, 2))
+            backend = collection_backend(config.backend, config.model, batch_size=max(config.extract_batch_size, 2),
+                                         load=lambda: loader(config.model, device=config.device, **placement),
+                                         dtype=config.dtype)
         return backend
 
     if "extract" in stages:
         documents = load_documents(config.data, config.records)
         if config.extract_mode == "insert":
             max_new_tokens = config.max_new_tokens or INSERT_MAX_NEW_TOKENS
-            check_settings(out, "extract", {"mode": "insert", "model": config.model, "max_new_tokens": max_new_tokens,
+            check_settings(out, "extract", {"mode": "insert", "model": config.model, "backend": config.backend,
+                                            "max_new_tokens": max_new_tokens,
                                             "max_rationales": config.max_rationales or None,
                                             "max_rationale_chars": config.max_rationale_chars,
                                             "prompt": _text_hash(INSERTION_SYSTEM + repr(INSERTION_DEMOS))})
@@ -870,7 +876,8 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
                                     progress=progress)
         else:
             max_new_tokens = config.max_new_tokens or REWRITE_MAX_NEW_TOKENS
-            check_settings(out, "extract", {"mode": "rewrite", "model": config.model, "max_new_tokens": max_new_tokens,
+            check_settings(out, "extract", {"mode": "rewrite", "model": config.model, "backend": config.backend,
+                                            "max_new_tokens": max_new_tokens,
                                             "prompt": _text_hash(EXTRACTION_SYSTEM + repr(EXTRACTION_DEMOS))})
             counts = extract(scorer_backend(), documents, out / "extract.jsonl", max_new_tokens=max_new_tokens,
                              batch_size=config.extract_batch_size, progress=progress)
@@ -883,7 +890,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
         update_metrics(out, "align", align(extracted, out / "aligned.jsonl", threshold=config.threshold))
     if "filter" in stages:
         aligned = _stage_input(out / "aligned.jsonl", "align")
-        check_settings(out, "filter", {"model": config.model, "gamma": config.gamma,
+        check_settings(out, "filter", {"model": config.model, "backend": config.backend, "gamma": config.gamma,
                                        "system": _text_hash(FILTER_SYSTEM)})
         counts = filter_records(scorer_backend(), aligned, out, taus=config.taus, default_tau=config.default_tau,
                                 gamma=config.gamma, progress=progress)

@@ -4,7 +4,8 @@ Every step strategy written against :class:`~guidedecode.backends.base.Backend` 
 
 * ``sample(prompts, n)`` is one ``LLM.generate`` call with ``SamplingParams(n=n)``: vLLM prefills each
   prompt once and its prefix cache shares it between the n samples and later calls;
-* ``greedy`` is the same at temperature 0;
+* ``greedy`` is the same at temperature 0; a seeded ``sample`` gives each prompt its own seed
+  (:func:`prompt_seed`), so a call is reproducible whatever else the engine runs beside it;
 * ``score(prefix, continuations)`` reads ``prompt_logprobs`` of ``prefix + continuation`` over the
   continuation's span, with the token boundary of :meth:`TokenizerPrompts.join` (the one ``HFBackend``
   uses), so both backends score the same tokens.
@@ -17,6 +18,7 @@ per-request settings go in ``extra_args``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -73,8 +75,13 @@ class VLLMBackend(TokenizerPrompts):
             raise StrategyError("prompts must be a list of prompts (a single string was given)")
         stops = stop_list(stop)
         encoded = [self.encode(p) for p in prompts]
-        params = SamplingParams(n=n, max_tokens=max_new_tokens, stop=stops or None, include_stop_str_in_output=True,
-                                skip_special_tokens=False, extra_args=dict(self.extra_args) or None, **options)
+        seed = options.pop("seed", None)
+        common = dict(n=n, max_tokens=max_new_tokens, stop=stops or None, include_stop_str_in_output=True,
+                      skip_special_tokens=False, extra_args=dict(self.extra_args) or None, **options)
+        if seed is None:
+            params = SamplingParams(**common)
+        else:  # one stream per prompt (one seed for all would give every prompt the same random draws)
+            params = [SamplingParams(**common, seed=prompt_seed(seed, i)) for i in range(len(encoded))]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False,
                                     lora_request=self._lora(len(encoded)))
         results: list[list[Completion]] = []
@@ -128,6 +135,12 @@ class VLLMBackend(TokenizerPrompts):
             result.append(scores[k : k + len(row)])
             k += len(row)
         return result
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt ``index`` of a call seeded with ``seed`` (a 63-bit hash of both)."""
+    digest = hashlib.sha256(f"{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _eos_token_ids(llm, tokenizer) -> tuple[int, ...]:

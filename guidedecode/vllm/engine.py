@@ -11,7 +11,7 @@ import os
 
 from guidedecode.errors import GuidedecodeError
 
-__all__ = ["GUIDE_PROCESSORS", "guide_request", "build_engine"]
+__all__ = ["CPU_KV_CACHE_BYTES", "GUIDE_PROCESSORS", "build_backend", "build_engine", "guide_request"]
 
 
 def _qsharp(params: dict) -> tuple[dict, dict]:
@@ -74,13 +74,34 @@ class _Params:
         self.extra_args = extra_args
 
 
+CPU_KV_CACHE_BYTES = 1 << 30
+"""KV cache a CPU engine reserves unless told otherwise (vLLM's CPU default takes most of the memory)."""
+
+
 def build_engine(model: str, *, processors=(), dtype: str | None = None, seed: int = 0, **engine_args):
-    """``vllm.LLM`` for a guidedecode model name (embedded name, directory or Hub id), eager on CPU."""
+    """``vllm.LLM`` for a guidedecode model name (embedded name, directory or Hub id), eager mode.
+
+    Without a GPU the KV cache is :data:`CPU_KV_CACHE_BYTES` unless ``kv_cache_memory_bytes`` (or
+    ``gpu_memory_utilization``) is given."""
+    import torch
     from vllm import LLM
 
     from guidedecode.models import model_source
 
     options = {"enforce_eager": True, "seed": seed, **engine_args}
+    if not torch.cuda.is_available() and not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(options):
+        options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if dtype:
         options["dtype"] = dtype
     return LLM(model_source(model), logits_processors=list(processors) or None, **options)
+
+
+def build_backend(model: str, *, processors=(), dtype: str | None = None, seed: int = 0, extra_args=None,
+                  **engine_args):
+    """A :class:`~guidedecode.vllm.VLLMBackend` on a new engine (:func:`build_engine`); checks the vLLM
+    version first (:func:`~guidedecode.vllm.require_vllm`)."""
+    from guidedecode.vllm import VLLMBackend, require_vllm
+
+    require_vllm()
+    engine = build_engine(model, processors=processors, dtype=dtype, seed=seed, **engine_args)
+    return VLLMBackend(engine, extra_args=extra_args)

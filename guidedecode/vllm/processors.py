@@ -161,18 +161,20 @@ class QSharp(GuideLogitsProcessor):
     ``o_v = log(1 - p_v + p_v e^eta)`` with ``p_v`` the value model's probability that ``prefix + v``
     ends correct (modes as :func:`~guidedecode.guides.qsharp.qsharp_offsets`).
 
-    The value model is the directory in ``$GUIDEDECODE_VALUE_MODEL`` (a :class:`~guidedecode.ValueModel`
-    ``save_pretrained`` directory), loaded once per engine onto the engine's device. Per request
-    (``SamplingParams.extra_args`` / ``vllm_xargs``):
+    The value model is a :class:`~guidedecode.ValueModel` ``save_pretrained`` directory: the engine's
+    default is ``$GUIDEDECODE_VALUE_MODEL`` (loaded at engine start), and a request may name another one
+    (``qsharp_value_model``; loaded on first use and kept, one copy per directory, on the engine's device).
+    Per request (``SamplingParams.extra_args`` / ``vllm_xargs``):
 
     * ``qsharp_eta``: guidance strength ``1/eta_paper`` (> 0); absent or 0: the request is untouched;
+    * ``qsharp_value_model``: the value-model directory (default: ``$GUIDEDECODE_VALUE_MODEL``);
     * ``qsharp_mode``: ``bernoulli`` (default; ``mle`` for an mle value model), ``cd``, ``expectation``,
       ``fudge``;
     * ``qsharp_top_k``: candidates per step (default 20; -1 = whole vocabulary);
     * ``qsharp_tail``: ``zero`` (default: tokens outside the top-k keep their logit) or ``mask``.
     """
 
-    KEYS = ("qsharp_eta", "qsharp_mode", "qsharp_top_k", "qsharp_tail")
+    KEYS = ("qsharp_eta", "qsharp_mode", "qsharp_top_k", "qsharp_tail", "qsharp_value_model")
 
     @classmethod
     def options(cls, extra_args):
@@ -199,24 +201,35 @@ class QSharp(GuideLogitsProcessor):
         tail = extra_args.get("qsharp_tail")
         if tail is not None and tail not in ("zero", "mask"):
             raise ValueError(f"qsharp_tail must be 'zero' or 'mask', got {tail!r}")
-        if not os.environ.get(VALUE_MODEL_ENV):
-            raise ValueError(f"this request asks for Q# guidance but ${VALUE_MODEL_ENV} names no value model")
-        return {"eta": float(eta), "mode": mode, "top_k": top_k, "tail": tail}
+        directory = extra_args.get("qsharp_value_model")
+        if directory is None:
+            if not os.environ.get(VALUE_MODEL_ENV):
+                raise ValueError(f"this request asks for Q# guidance but names no value model: give "
+                                 f"qsharp_value_model or set ${VALUE_MODEL_ENV} for the engine")
+        elif not isinstance(directory, str) or not os.path.isfile(os.path.join(directory, "config.json")):
+            raise ValueError(f"qsharp_value_model must be the directory of a saved ValueModel "
+                             f"(ValueModel.save_pretrained), got {directory!r}")
+        return {"eta": float(eta), "mode": mode, "top_k": top_k, "tail": tail, "value_model": directory}
 
     def setup(self, vllm_config):
-        from guidedecode.errors import GuideError
+        self.value_models: dict[str, Any] = {}
+        self.default_value_model = os.environ.get(VALUE_MODEL_ENV) or None
+        if self.default_value_model:  # a broken default is an error at engine start, not at the first request
+            self.load_value_model(self.default_value_model)
+
+    def load_value_model(self, directory: str):
+        """The value model saved in ``directory`` (loaded once; its tokenizer checked against the served one)."""
         from guidedecode.value_model import ValueModel
 
-        directory = os.environ.get(VALUE_MODEL_ENV)
-        if not directory:
-            raise GuideError(f"guidedecode.vllm:QSharp needs ${VALUE_MODEL_ENV}: the directory of a saved "
-                             "ValueModel (ValueModel.save_pretrained)")
-        self.value_model = ValueModel.from_pretrained(directory, device=self.device)
-        self._check_tokenizer(vllm_config)
+        if directory not in self.value_models:
+            value_model = ValueModel.from_pretrained(directory, device=self.device)
+            self._check_tokenizer(value_model)
+            self.value_models[directory] = value_model
+        return self.value_models[directory]
 
-    def _check_tokenizer(self, vllm_config) -> None:
+    def _check_tokenizer(self, value_model) -> None:
         """The value model must share the served model's tokenizer (it reads the same token ids)."""
-        name = getattr(getattr(vllm_config, "model_config", None), "tokenizer", None)
+        name = getattr(getattr(self.vllm_config, "model_config", None), "tokenizer", None)
         if not name:
             return
         from transformers import AutoTokenizer
@@ -225,14 +238,18 @@ class QSharp(GuideLogitsProcessor):
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         except (OSError, ValueError):
             return  # a hub tokenizer not in the local cache: the engine itself will report it
-        self.value_model.check_tokenizer(tokenizer)
+        value_model.check_tokenizer(tokenizer)
 
     def make_guide(self, options, sampling_params):
+        from guidedecode.errors import GuideError
         from guidedecode.guides.qsharp import QSharpGuide
 
+        directory = options["value_model"] or self.default_value_model
+        if not directory:  # validate_params refused it already, unless the engine's environment differs
+            raise GuideError(f"a Q# request names no value model and the engine has no ${VALUE_MODEL_ENV}")
         temperature = float(sampling_params.temperature or 0.0)
         return QSharpGuide(
-            self.value_model,
+            self.load_value_model(directory),
             eta=options["eta"],
             mode=options["mode"],
             top_k=options["top_k"],

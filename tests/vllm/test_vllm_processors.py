@@ -247,12 +247,36 @@ def test_guided_rows_change_and_unguided_rows_do_not(env):
     assert torch.equal(out[1], original[1])
 
 
-def test_missing_value_model_is_a_clear_error_at_engine_start(monkeypatch):
-    from guidedecode.errors import GuideError
+def test_a_broken_default_value_model_is_an_error_at_engine_start(monkeypatch, tmp_path):
+    from guidedecode.errors import GuidedecodeError
+
+    monkeypatch.setenv(VALUE_MODEL_ENV, str(tmp_path / "missing"))
+    with pytest.raises(GuidedecodeError, match="missing"):
+        QSharp(config(), torch.device("cpu"), False)
+
+
+def test_per_request_value_model_without_an_engine_default(monkeypatch, value_model_dir, tmp_path):
+    """``qsharp_value_model`` names the value model per request (the Q# trainer's guided roll-in uses it):
+    no default needed at engine start; a bad directory is refused at admission, naming it."""
+    from guidedecode.value_model import ValueModel
 
     monkeypatch.delenv(VALUE_MODEL_ENV, raising=False)
-    with pytest.raises(GuideError, match=VALUE_MODEL_ENV):
-        QSharp(config(), torch.device("cpu"), False)
+    proc = QSharp(config(), torch.device("cpu"), False)
+    with pytest.raises(ValueError, match="qsharp_value_model"):
+        QSharp.validate_params(params(3.0, qsharp_value_model=str(tmp_path)))
+    with pytest.raises(ValueError, match="qsharp_value_model"):
+        QSharp.validate_params(params(3.0, qsharp_value_model=7))
+    guided = params(3.0, qsharp_value_model=str(value_model_dir))
+    QSharp.validate_params(guided)
+    rng = random.Random(5)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(4)]
+    output: list[int] = []
+    proc.update_state(BatchUpdate(batch_size=1, added=[(0, guided, prompt, output)], removed=[], moved=[]))
+    logits = torch.randn(1, VOCAB)
+    out = proc.apply(logits.clone())
+    value_model = ValueModel.from_pretrained(value_model_dir)
+    torch.testing.assert_close(out[0], expected_row(value_model, guided, prompt, logits[0].clone()))
+    assert list(proc.value_models) == [str(value_model_dir)]  # loaded once, kept for later requests
 
 
 def test_import_touches_no_cuda():
