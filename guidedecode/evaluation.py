@@ -122,9 +122,10 @@ def run_eval(config: EvalConfig, out_dir: str | os.PathLike, *, model=None, toke
         if engine is None:
             engine, request_args = _vllm_engine(config, dtype=dtype)
         elif config.guide:
-            from guidedecode.vllm.engine import guide_request
+            from guidedecode.vllm.engine import guide_request, require_processor
 
-            request_args = guide_request(config.guide, config.params)[2]
+            processor, _, request_args = guide_request(config.guide, config.params)
+            require_processor(engine, processor)
         model, tokenizer = None, engine.get_tokenizer()
     elif model is None or tokenizer is None:
         from guidedecode.models import load_model

@@ -290,6 +290,14 @@ class VLLMPolicy(_Sampler):
         self.pad_token_id = int(pad if pad is not None else min(self.eos_token_ids))  # as Policy.from_model
 
     def roll_in_guide(self, value_model_dir: Path, *, eta: float, top_k: int, temperature: float, top_p: float):
+        from guidedecode.errors import GuidedecodeError
+        from guidedecode.vllm import QSharp
+        from guidedecode.vllm.engine import require_processor
+
+        try:
+            require_processor(self.llm, QSharp)
+        except GuidedecodeError as exc:
+            raise TrainingError(f"a guided roll-in (round > 1, roll_in_eta > 0) on vLLM: {exc}") from exc
         mode = "mle" if _saved_loss(value_model_dir) == "mle" else "bernoulli"
         return {"qsharp_eta": float(eta), "qsharp_top_k": int(top_k), "qsharp_value_model": str(value_model_dir),
                 "qsharp_mode": mode}

@@ -11,7 +11,8 @@ import os
 
 from guidedecode.errors import GuidedecodeError
 
-__all__ = ["CPU_KV_CACHE_BYTES", "GUIDE_PROCESSORS", "build_backend", "build_engine", "guide_request"]
+__all__ = ["CPU_KV_CACHE_BYTES", "GUIDE_PROCESSORS", "build_backend", "build_engine", "guide_request",
+           "require_processor"]
 
 
 def _qsharp(params: dict) -> tuple[dict, dict]:
@@ -69,6 +70,18 @@ def guide_request(name: str, params: dict) -> tuple[type, dict, dict]:
     return processor, env, extra_args
 
 
+def require_processor(llm, processor: type) -> None:
+    """Raise unless engine ``llm`` was built with ``processor`` among its logits processors: vLLM ignores
+    ``extra_args`` that no processor reads, so a guided request would silently run unguided."""
+    loaded = getattr(llm.llm_engine.model_config, "logits_processors", None) or []
+    names = {f"{processor.__module__}:{processor.__qualname__}", f"{processor.__module__}.{processor.__qualname__}",
+             f"guidedecode.vllm:{processor.__qualname__}", f"guidedecode.vllm.{processor.__qualname__}"}
+    if not any(entry is processor or (isinstance(entry, str) and entry in names) for entry in loaded):
+        raise GuidedecodeError(f"the vLLM engine was built without the {processor.__qualname__} logits processor: "
+                               f"build it with vllm.LLM(..., logits_processors=[guidedecode.vllm.{processor.__qualname__}])"
+                               " (vLLM ignores request arguments no processor reads)")
+
+
 class _Params:
     def __init__(self, extra_args):
         self.extra_args = extra_args
@@ -88,7 +101,7 @@ def build_engine(model: str, *, processors=(), dtype: str | None = None, seed: i
 
     from guidedecode.models import model_source
 
-    options = {"enforce_eager": True, "seed": seed, **engine_args}
+    options = {"enforce_eager": True, "enable_prefix_caching": True, "seed": seed, **engine_args}
     if not torch.cuda.is_available() and not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(options):
         options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if dtype:

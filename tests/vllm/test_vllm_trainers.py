@@ -183,3 +183,15 @@ def test_train_qsharp_cli_builds_its_own_engine(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["backend"] == "vllm"
     assert len((out / "round-1" / "data.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_guided_request_needs_its_processor_in_the_engine(llm):
+    """vLLM ignores extra_args no processor reads: a guided roll-in or eval on an engine without the guide's
+    processor is refused instead of running unguided under a guided label."""
+    from guidedecode.errors import GuidedecodeError
+    from guidedecode.vllm import PlanningTokens
+    from guidedecode.vllm.engine import require_processor
+
+    require_processor(llm, QSharp)  # this engine has it
+    with pytest.raises(GuidedecodeError, match="without the PlanningTokens logits processor"):
+        require_processor(llm, PlanningTokens)
