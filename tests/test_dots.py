@@ -359,6 +359,27 @@ def test_verify_loop_iterates_until_accepted_or_the_round_limit(backend):
     assert result.text == "Again. The answer is 6."  # the last re-answer, no third round
 
 
+def test_action_line_guide_rebuilt_from_a_history_inside_a_line_stays_constrained(tokenizer):
+    """A guide that first sees a history ending inside an action line (a prompt ending "Required Action: Co",
+    or a vLLM request resumed after preemption, whose generated tokens come back as prompt) continues that
+    line; a prompt that quotes a malformed line and a finished one leaves the guide free, counting no line."""
+    from guidedecode.dots.action_line import ActionLineGuide
+
+    inside = tokenizer("Plan:\nRequired Action: Co", add_special_tokens=False)["input_ids"]
+    guide = ActionLineGuide(tokenizer)
+    out = _step(guide, inside, torch.zeros(len(tokenizer)))
+    assert guide.active_rows() == [True]
+    allowed = {tokenizer.decode([t]) for t in torch.isfinite(out).nonzero().flatten().tolist()}
+    assert allowed and all(any(f" {line}\n".startswith(" Co" + text) for line in ACTION_LINES) for text in allowed)
+    quoted = tokenizer("Example: Required Action: magic words\nRequired Action: CoT\nNow solve.",
+                       add_special_tokens=False)["input_ids"]
+    guide = ActionLineGuide(tokenizer, stop_after_line=True)
+    scores = torch.randn(len(tokenizer), generator=torch.Generator().manual_seed(0))
+    out = _step(guide, quoted, scores)
+    assert guide.active_rows() == [False] and guide.state[0]["lines"] == 0
+    assert torch.isfinite(out).sum() > len(tokenizer) // 2  # free text, no forced EOS
+
+
 def test_external_planner_reply_without_action_line_falls_back_and_is_traced(backend):
     planner = scripted_backend(backend, lambda prompt: "I am not sure what to do.")
     solver = scripted_backend(backend, lambda prompt: "The answer is 5.")

@@ -111,38 +111,45 @@ class ActionLineGuide(TokenGuide):
 
     # ----------------------------------------------------------------- hooks
     def init_state(self, prompt_ids, prompt_mask):
-        """The tail starts with the prompt's last characters: a prompt ending in the trigger (or a part
-        of it) constrains the very first generated tokens."""
+        """Replay the prompt through the same trigger / automaton steps as generated tokens, so a history
+        that stops inside an action line continues it constrained: a prompt ending with the trigger (or
+        with ``"Required Action: Co"``), or a vLLM request resumed after preemption, whose whole history
+        comes back as one prompt. A prompt token the automaton does not accept ends that line as free text
+        (a prompt may quote malformed lines); lines finished inside the prompt are not counted."""
         state = []
         for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist()):
-            real = [t for t, m in zip(ids, mask) if m][-len(self.trigger):]
-            tail = "".join(self.strings[t] or "" if t < len(self.strings) else "" for t in real)[-len(self.trigger):]
-            row = {"tail": tail, "dfa": None, "lines": 0}
-            if tail.endswith(self.trigger):
-                row.update(dfa=self.index.get_initial_state(), tail="")
+            row = {"tail": "", "dfa": None, "lines": 0}
+            for token, real in zip(ids, mask):
+                if real:
+                    self._advance(row, token)
+            row["lines"] = 0
             state.append(row)
         return state
 
     def update_state(self, state, tokens, alive):
-        keep = len(self.trigger)
         for row, (token, live) in enumerate(zip(tokens.tolist(), alive.tolist())):
-            if not live:
-                continue
-            s = state[row]
-            if s["dfa"] is not None:
-                following = self.index.get_next_state(s["dfa"], token)
-                if following is None:  # only reachable when every allowed token was -inf upstream
-                    raise GuideError(f"row {row}: token {token} left the action-line automaton")
-                if self.index.is_final_state(following):
-                    s.update(dfa=None, tail="", lines=s["lines"] + 1)
-                else:
-                    s["dfa"] = following
-                continue
-            text = self.strings[token] if token < len(self.strings) else None
-            s["tail"] = (s["tail"] + (text or ""))[-keep:]
-            if s["tail"].endswith(self.trigger):
-                s.update(dfa=self.index.get_initial_state(), tail="")
+            if live and not self._advance(state[row], token):  # only when every allowed token was -inf upstream
+                raise GuideError(f"row {row}: token {token} left the action-line automaton")
         return state
+
+    def _advance(self, s: dict, token: int) -> bool:
+        """Move one row's state by ``token``; False if the token left the automaton (the row is then free
+        text again, the token counted as text)."""
+        text = self.strings[token] if token < len(self.strings) else None
+        if s["dfa"] is not None:
+            following = self.index.get_next_state(s["dfa"], token)
+            if following is None:
+                s.update(dfa=None, tail=(text or "")[-len(self.trigger):])
+                return False
+            if self.index.is_final_state(following):
+                s.update(dfa=None, tail="", lines=s["lines"] + 1)
+            else:
+                s["dfa"] = following
+            return True
+        s["tail"] = (s["tail"] + (text or ""))[-len(self.trigger):]
+        if s["tail"].endswith(self.trigger):
+            s.update(dfa=self.index.get_initial_state(), tail="")
+        return True
 
     def adjust(self, scores, state, active):
         out = scores

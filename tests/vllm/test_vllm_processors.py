@@ -70,11 +70,133 @@ def expected_row(value_model, sampling_params, history, logits_row):
 
 
 class Request:
-    def __init__(self, rid, sampling_params, rng):
+    def __init__(self, rid, sampling_params, rng, prompt=None):
         self.rid = rid
         self.params = sampling_params
-        self.prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 7))]
+        self.prompt = prompt if prompt is not None else [rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 7))]
         self.output: list[int] = []
+
+
+class Method:
+    """One processor class under batch churn: how to build it (V1 / V2), random per-request settings and
+    prompts, and the HF guide each row must equal (a fresh guide fed that request's history alone)."""
+
+    def __init__(self, name, processor, vllm_config, vocab, random_params, reference, random_prompt=None):
+        self.name, self.processor, self.vllm_config, self.vocab = name, processor, vllm_config, vocab
+        self.random_params, self.reference, self.random_prompt = random_params, reference, random_prompt
+
+    def v1(self):
+        return self.processor(self.vllm_config, torch.device("cpu"), False)
+
+    def v2(self, states):
+        return self.processor(self.vllm_config, states)
+
+    def request(self, rid, rng):
+        prompt = self.random_prompt(rng) if self.random_prompt else None
+        return Request(rid, self.random_params(rng), rng, prompt)
+
+    def expected(self, request, logits_row):
+        guide = self.reference(request.params)
+        if guide is None:
+            return logits_row
+        return guide(torch.tensor([request.prompt + request.output]), logits_row[None].clone())[0]
+
+    def resume(self, request, rng, steps):
+        """Output tokens a preempted request already has: sampled under its own guide (a constrained guide's
+        history is always one it allowed), to be replayed by the processor when the request comes back."""
+        gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        for _ in range(steps):
+            row = self.expected(request, torch.randn(self.vocab, generator=gen))
+            request.output.append(int(torch.argmax(row)))
+
+    def guided(self, request) -> bool:
+        return self.processor.options(dict(request.params.extra_args or {})) is not None
+
+
+def qsharp_method(value_model_dir):
+    from guidedecode.value_model import ValueModel
+
+    value_model = ValueModel.from_pretrained(value_model_dir)
+
+    def random_params(rng):
+        eta = rng.choice([None, 0.0, 2.0, 6.0])
+        extra = {}
+        if eta and rng.random() < 0.3:
+            extra = {"qsharp_mode": "cd"}
+        elif eta and rng.random() < 0.3:
+            extra = {"qsharp_tail": "mask"}
+        return params(eta, **extra)
+
+    def reference(sampling_params):
+        options = QSharp.options(dict(sampling_params.extra_args or {}))
+        if options is None:
+            return None
+        return QSharpGuide(value_model, eta=options["eta"], mode=options["mode"], top_k=options["top_k"],
+                           tail=options["tail"], temperature=sampling_params.temperature, top_p=sampling_params.top_p)
+
+    return Method("qsharp", QSharp, config(), VOCAB, random_params, reference)
+
+
+def planning_method(directory):
+    from guidedecode.guides.planning import PlanningTokenGuide
+    from guidedecode.planning import PlanningVocab
+    from guidedecode.vllm import PlanningTokens
+
+    vocab = PlanningVocab(("memory", "reason"), 2, 2, 300)
+    vocab.save_pretrained(directory)
+    settings = [None, {"planning": 1}, {"planning_force_type": "memory", "planning_max_steps": 2},
+                {"planning_ban_types": ["reason"]}, {"planning_memory_before_reason": 1, "planning_max_steps": 3}]
+
+    def random_params(rng):
+        return SamplingParams(temperature=0.8, extra_args=rng.choice(settings))
+
+    def reference(sampling_params):
+        options = PlanningTokens.options(dict(sampling_params.extra_args or {}))
+        return None if options is None else PlanningTokenGuide(vocab, **options)
+
+    new_ids = list(vocab.new_ids)
+
+    def random_prompt(rng):  # some prompts end inside an opened block, which the guide must complete
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randrange(2, 6))]
+        return prompt + ([new_ids[0]] if rng.random() < 0.4 else [])
+
+    return Method("planning", PlanningTokens, config(), 300 + len(new_ids), random_params, reference, random_prompt)
+
+
+def action_line_method():
+    from guidedecode.dots.action_line import ActionLineGuide
+    from guidedecode.dots.actions import ACTION_LINE_TRIGGER
+    from guidedecode.models import load_tokenizer, model_source
+    from guidedecode.vllm import ActionLine
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    trigger = tok("Plan.\n" + ACTION_LINE_TRIGGER, add_special_tokens=False)["input_ids"]
+
+    def random_params(rng):
+        return SamplingParams(temperature=0.8, extra_args=rng.choice([None, {"dots_action_line": 1}]))
+
+    def reference(sampling_params):
+        return ActionLineGuide(tok) if ActionLine.options(dict(sampling_params.extra_args or {})) is not None else None
+
+    def random_prompt(rng):  # half of them end at the trigger: the action line is constrained from the start
+        prompt = [rng.randrange(3, 20000) for _ in range(rng.randrange(2, 6))]
+        return prompt + (trigger if rng.random() < 0.5 else [])
+
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(tokenizer=model_source()))
+    return Method("action_line", ActionLine, vllm_config, len(tok), random_params, reference, random_prompt)
+
+
+@pytest.fixture(params=["qsharp", "planning", "action_line"])
+def method(request, value_model_dir, tmp_path, monkeypatch):
+    from guidedecode.vllm.processors import PLANNER_ENV
+
+    if request.param == "qsharp":
+        monkeypatch.setenv(VALUE_MODEL_ENV, str(value_model_dir))
+        return qsharp_method(value_model_dir)
+    if request.param == "planning":
+        monkeypatch.setenv(PLANNER_ENV, str(tmp_path))
+        return planning_method(tmp_path)
+    return action_line_method()
 
 
 def test_subclasses_both_real_interfaces_and_version():
@@ -102,36 +224,26 @@ def test_guided_request_without_value_model_is_refused_at_admission(monkeypatch)
     QSharp.validate_params(params())  # unguided requests are fine
 
 
-def test_v1_batch_churn_matches_hf_guide_per_request(env):
-    from guidedecode.value_model import ValueModel
-
-    reference_vm = ValueModel.from_pretrained(env)
-    proc = QSharp(config(), torch.device("cpu"), False)
+def test_v1_batch_churn_matches_hf_guide_per_request(method):
+    """Added, removed, moved (condensed) and swapped requests, resumed requests that arrive with output
+    tokens (preemption), guided and unguided rows mixed: every row equals the HF guide on its request alone."""
+    proc = method.v1()
     rng = random.Random(0)
     gen = torch.Generator().manual_seed(0)
     batch: list[Request | None] = []
     next_id = 0
-    checked = 0
-
-    def new_request():
-        nonlocal next_id
-        next_id += 1
-        eta = rng.choice([None, 0.0, 2.0, 6.0])
-        extra = {"qsharp_mode": "cd"} if eta and rng.random() < 0.3 else {"qsharp_tail": "mask"} if eta and rng.random() < 0.3 else {}
-        return Request(next_id, params(eta, **extra), rng)
-
+    checked = guided = 0
     for step in range(24):
         removed, added, moved = [], [], []
-        # remove some requests
-        for i, req in enumerate(batch):
+        for i, req in enumerate(batch):  # remove some requests
             if req is not None and rng.random() < 0.15:
                 removed.append(i)
                 batch[i] = None
-        # add into holes first, then append
-        for _ in range(rng.randrange(0, 3)):
-            req = new_request()
+        for _ in range(rng.randrange(0, 3)):  # add into holes first, then append
+            next_id += 1
+            req = method.request(next_id, rng)
             if rng.random() < 0.2 and step > 2:  # a preempted request resumed with tokens already generated
-                req.output = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 4))]
+                method.resume(req, rng, rng.randrange(1, 4))
             holes = [i for i, r in enumerate(batch) if r is None]
             index = holes[0] if holes else len(batch)
             if index == len(batch):
@@ -156,19 +268,20 @@ def test_v1_batch_churn_matches_hf_guide_per_request(env):
                           if (removed or added or moved) else None)
         if not batch:
             continue
-        logits = torch.randn(len(batch), VOCAB, generator=gen)
+        logits = torch.randn(len(batch), method.vocab, generator=gen)
         original = logits.clone()
         out = proc.apply(logits)
         for i, req in enumerate(batch):
             if req is None:
                 continue
-            want = expected_row(reference_vm, req.params, req.prompt + req.output, original[i])
-            torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-5)
-            if QSharp.options(dict(req.params.extra_args or {})) is None:
+            torch.testing.assert_close(out[i], method.expected(req, original[i]), rtol=1e-5, atol=1e-5)
+            if method.guided(req):
+                guided += 1
+            else:
                 assert torch.equal(out[i], original[i])  # unguided rows untouched, bit for bit
             checked += 1
             req.output.append(int(torch.argmax(out[i])))  # the live output list grows, as in vLLM
-    assert checked > 40
+    assert checked > 40 and 10 < guided < checked, (checked, guided)
 
 
 def hand_built_states(max_reqs, max_len):
@@ -182,32 +295,31 @@ def hand_built_states(max_reqs, max_len):
     )
 
 
-def test_v2_slots_rows_and_preemption_match_hf_guide_per_request(env):
-    from guidedecode.value_model import ValueModel
-
-    reference_vm = ValueModel.from_pretrained(env)
+def test_v2_slots_rows_and_preemption_match_hf_guide_per_request(method):
+    """Model Runner V2: recycled slots, rows reordered every step through ``expanded_idx_mapping``, resumed
+    requests recomputed into their slot; every row equals the HF guide on its request alone."""
     states = hand_built_states(6, 64)
-    proc = QSharp(config(), states)
+    proc = method.v2(states)
     rng = random.Random(1)
     gen = torch.Generator().manual_seed(1)
     slots: dict[int, Request] = {}
     free = list(range(6))
-    checked = 0
+    checked = guided = 0
     for step in range(20):
         # finish some requests (no removal hook in V2: the slot is simply recycled later)
         for slot in list(slots):
-            if rng.random() < 0.2:
+            if rng.random() < 0.2 or len(slots[slot].prompt + slots[slot].output) >= 60:
                 del slots[slot]
                 free.append(slot)
         for _ in range(rng.randrange(0, 3)):
             if not free:
                 break
             slot = free.pop(rng.randrange(len(free)))
-            req = Request(step * 10 + slot, params(rng.choice([None, 3.0, 8.0])), rng)
+            req = method.request(step * 10 + slot, rng)
             if rng.random() < 0.3:  # resumed after preemption: output tokens recomputed into the slot
-                req.output = [rng.randrange(3, VOCAB) for _ in range(3)]
+                method.resume(req, rng, 3)
             slots[slot] = req
-            assert proc.add_request(slot, req.params) == (QSharp.options(req.params.extra_args or {}) is not None)
+            assert proc.add_request(slot, req.params) == method.guided(req)
         if not slots:
             continue
         order = list(slots)
@@ -223,16 +335,16 @@ def test_v2_slots_rows_and_preemption_match_hf_guide_per_request(env):
             pos=torch.tensor([len(slots[s].prompt + slots[s].output) - 1 for s in order]),
             seq_lens_upper_bound_np=torch.tensor([len(slots[s].prompt + slots[s].output) for s in order]).numpy(),
         )
-        logits = torch.randn(len(order), VOCAB, generator=gen)
+        logits = torch.randn(len(order), method.vocab, generator=gen)
         original = logits.clone()
         out = proc.apply(logits, ctx)
         for row, slot in enumerate(order):
             req = slots[slot]
-            want = expected_row(reference_vm, req.params, req.prompt + req.output, original[row])
-            torch.testing.assert_close(out[row], want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[row], method.expected(req, original[row]), rtol=1e-5, atol=1e-5)
+            guided += method.guided(req)
             checked += 1
             req.output.append(int(torch.argmax(out[row])))
-    assert checked > 30
+    assert checked > 30 and 5 < guided < checked, (checked, guided)
 
 
 def test_guided_rows_change_and_unguided_rows_do_not(env):
