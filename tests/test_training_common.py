@@ -258,3 +258,14 @@ def test_trainer_cli_offers_the_vllm_backend(trainer):
     result = CliRunner().invoke(app, ["train", *trainer.split(), "--help"])
     assert result.exit_code == 0, result.output
     assert "--backend [hf|vllm]" in result.output
+
+
+def test_runs_recorded_before_the_backend_setting_resume_as_hf(tmp_path):
+    from guidedecode.training.common import check_settings
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": "m", "seed": 0}))  # written before "backend" existed
+    check_settings(path, {"model": "m", "seed": 0, "backend": "hf"})
+    path.write_text(json.dumps({"model": "m", "seed": 0}))
+    with pytest.raises(TrainingError, match="backend"):
+        check_settings(path, {"model": "m", "seed": 0, "backend": "vllm"})

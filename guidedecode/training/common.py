@@ -53,7 +53,9 @@ from guidedecode.errors import TrainingError
 from guidedecode.records import append_jsonl, check_complete, read_jsonl, write_json
 
 __all__ = [
+    "ADDED_SETTINGS",
     "COLLECTION_BACKENDS",
+    "COLLECTION_GPU_MEMORY",
     "FitConfig",
     "FitResult",
     "LMExample",
@@ -61,7 +63,10 @@ __all__ = [
     "check_settings",
     "collate",
     "collect_resumable",
+    "check_collection_backend",
+    "check_ready_backend",
     "collection_backend",
+    "describe_backend",
     "fit",
     "held_out_loss",
     "load_trainable",
@@ -106,6 +111,10 @@ def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return target
 
 
+ADDED_SETTINGS = {"backend": "hf"}
+"""Settings added after runs existed, with the value those runs used: a run recorded without one resumes."""
+
+
 def check_settings(path: str | os.PathLike, settings: dict, *, may_change: Sequence[str] = ()) -> None:
     """Write ``settings`` to the JSON file ``path``; if it already holds settings that differ in a key
     not in ``may_change``, raise a TrainingError naming the keys (a run resumes only as itself)."""
@@ -116,7 +125,7 @@ def check_settings(path: str | os.PathLike, settings: dict, *, may_change: Seque
         except ValueError as error:
             raise TrainingError(f"{path} is not valid JSON ({error}): use a new --out directory") from error
         changed = sorted(k for k in set(recorded) | set(settings)
-                         if k not in may_change and recorded.get(k) != settings.get(k))
+                         if k not in may_change and recorded.get(k, ADDED_SETTINGS.get(k)) != settings.get(k))
         if changed:
             raise TrainingError(f"{path.parent} holds a run made with other settings ({', '.join(changed)}): "
                                 "use a new --out directory or delete it")
@@ -193,24 +202,62 @@ def check_collection_backend(kind: str) -> str:
     return kind
 
 
+COLLECTION_GPU_MEMORY = 0.4
+"""Fraction of a GPU a trainer's vLLM engine reserves: the transformers copy that trains shares the card."""
+
+
 def collection_backend(kind: str, model: str, *, load: Callable[[], tuple], batch_size: int, seed: int = 0,
-                       dtype: str | None = None, processors: Sequence = ()):
+                       dtype: str | None = None, device: str | None = None, processors: Sequence = ()):
     """The backend a trainer collects its data with (both give ``sample`` / ``greedy`` / ``score``).
 
     ``"hf"``: :class:`~guidedecode.backends.HFBackend` on ``load()`` (``(model, tokenizer)``), ``batch_size``
     sequences per ``generate`` call. ``"vllm"``: :class:`~guidedecode.vllm.VLLMBackend` on a new vLLM engine
     of ``model`` with ``processors`` as its logits processors (vLLM batches by itself; a clear error when
-    vLLM is missing or unsupported). ``dtype``: the weights' dtype (default: as stored), for both.
+    vLLM is missing or unsupported); on a GPU it reserves :data:`COLLECTION_GPU_MEMORY` of it. ``dtype``:
+    the weights' dtype (default: as stored), for both. ``device``: where the transformers copy runs; vLLM
+    places its engine itself, so a device it would not use is refused.
     """
     check_collection_backend(kind)
     if kind == "vllm":
         from guidedecode.vllm.engine import build_backend
 
+        cuda = torch.cuda.is_available()
+        if device is not None and str(device).startswith("cpu") == cuda:
+            raise TrainingError(f"--device {device} with --backend vllm: the vLLM engine runs on "
+                                f"{'the GPU' if cuda else 'the CPU'} here (it places itself); use --backend hf")
         name = str(dtype).removeprefix("torch.") if dtype is not None else None
-        return build_backend(model, processors=processors, dtype=name, seed=seed)
+        engine_args = {"gpu_memory_utilization": COLLECTION_GPU_MEMORY} if cuda else {}
+        return build_backend(model, processors=processors, dtype=name, seed=seed, **engine_args)
     from guidedecode.backends import HFBackend
 
     return HFBackend(*load(), batch_size=batch_size)
+
+
+def check_ready_backend(kind: str, backend, model: str) -> None:
+    """A backend handed to a trainer must be the kind its settings record (and, for vLLM, serve ``model``)."""
+    if backend is None:
+        return
+    is_vllm = type(backend).__name__ == "VLLMBackend"
+    if is_vllm != (kind == "vllm"):
+        raise TrainingError(f"the given backend is a {type(backend).__name__} but the run's backend setting is "
+                            f"{kind!r}: give backend={'vllm' if is_vllm else 'hf'!r} in the settings")
+    if is_vllm:
+        from guidedecode.models import model_source
+
+        served = backend.llm.llm_engine.model_config.model
+        wanted = model_source(model)
+        if os.path.realpath(served) != os.path.realpath(wanted) and served != wanted:
+            raise TrainingError(f"the given vLLM engine serves {served!r}, but the run's model is {model!r}")
+
+
+def describe_backend(backend) -> dict:
+    """What a trainer records about the backend its data came from: kind, weights' dtype, device."""
+    if type(backend).__name__ == "VLLMBackend":
+        engine = backend.llm.llm_engine
+        return {"backend": "vllm", "dtype": str(engine.model_config.dtype).removeprefix("torch."),
+                "device": str(engine.vllm_config.device_config.device)}
+    weights = next(backend.model.parameters())
+    return {"backend": "hf", "dtype": str(weights.dtype).removeprefix("torch."), "device": str(weights.device)}
 
 
 class LMExample(NamedTuple):

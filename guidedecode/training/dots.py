@@ -141,6 +141,16 @@ def build_sft(kept: list[dict], *, format: str = "external", target: str = "firs
     return records
 
 
+def _describe(backend) -> dict:
+    """The solver's backend, dtype and device (a scripted test backend without a model: its class name)."""
+    from guidedecode.training.common import describe_backend
+
+    try:
+        return describe_backend(backend)
+    except (AttributeError, StopIteration):
+        return {"backend": type(backend).__name__}
+
+
 def _sft_hash(records: list[dict]) -> str:
     digest = hashlib.sha256()
     for record in records:
@@ -157,7 +167,7 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
     for the solver / explainer; ``check(texts, problems)``: the search's checker (default: the task's
     ``check_many``)."""
     from guidedecode.tasks import get_task
-    from guidedecode.training.common import check_settings, collect_resumable, collection_backend
+    from guidedecode.training.common import check_ready_backend, check_settings, collect_resumable, collection_backend
 
     config.validate()
     unknown = [s for s in stages if s not in STAGES]
@@ -177,10 +187,14 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
             cache[name] = load_model(name, device=config.device)
         return cache[name]
 
+    for name, given in ready.items():
+        check_ready_backend(config.backend, given, name)
+
     def backend(name: str):
         if name not in ready:
             ready[name] = collection_backend(config.backend, name, load=lambda: load(name),
-                                             batch_size=config.batch_size_generate, seed=config.seed)
+                                             batch_size=config.batch_size_generate, seed=config.seed,
+                                             device=config.device)
         return ready[name]
 
     task = get_task(config.task, **config.task_options)
@@ -207,6 +221,7 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
             "all_fail": statuses.count("all_fail"), "runs": sum(s["runs"] for s in summaries),
             "best_counts": {line: best.count(line) for line in sorted(set(best), key=best.index)},
             "cost": _search_cost(out / "search" / "runs.jsonl"), "settings": asdict(config.search),
+            "solver": _describe(backend(config.solver)),
         }
         write_json(metrics_path, metrics)
 

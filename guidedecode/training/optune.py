@@ -37,8 +37,8 @@ from guidedecode.backends.hf import left_pad
 from guidedecode.deltas.injector import DeltaInjector
 from guidedecode.deltas.optune import INCORRECT, Captured, OpTuneConfig, OpTuneEditor, _key
 from guidedecode.errors import TrainingError
-from guidedecode.training.common import (FitConfig, check_collection_backend, check_settings, collect_resumable,
-                                         collection_backend, fit, split_dev)
+from guidedecode.training.common import (FitConfig, check_collection_backend, check_ready_backend, check_settings,
+                                         collect_resumable, collection_backend, describe_backend, fit, split_dev)
 
 CORRECT = "Your answer is correct."
 
@@ -210,9 +210,11 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
         raise TrainingError("no training questions")
 
     # ---- attempts
+    check_ready_backend(config.backend, backend, config.model)
     if backend is None:
         backend = collection_backend(config.backend, config.model, load=lambda: (model, tokenizer),
-                                     batch_size=max(config.generate_batch, config.attempts), seed=config.seed)
+                                     batch_size=max(config.generate_batch, config.attempts), seed=config.seed,
+                                     device=config.device)
 
     def attempts(chunk, index):
         rendered = [backend.chat_prompt(task.messages(p)) for p in chunk]
@@ -283,7 +285,8 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
                  settings={"examples": [e["id"] for e in train]})
     editor.eval()
     editor.save_pretrained(out / "editor")
-    metrics = {"questions": len(problems), "train_examples": len(train), "dev_examples": len(dev),
+    metrics = {"questions": len(problems), "attempts_sampled_with": describe_backend(backend),
+               "train_examples": len(train), "dev_examples": len(dev),
                "attempts": sum(len(r["attempts"]) for r in records),
                "correct_attempts": sum(a["correct"] for r in records for a in r["attempts"]),
                "truncated_attempts": sum(a["finish"] == "length" for r in records for a in r["attempts"]),

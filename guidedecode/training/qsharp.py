@@ -64,7 +64,8 @@ from guidedecode import validation as v
 from guidedecode.errors import GuideError, TrainingError
 from guidedecode.records import read_json, write_json
 from guidedecode.records import read_jsonl as _read_jsonl
-from guidedecode.training.common import atomic_dir, check_collection_backend, collect_resumable
+from guidedecode.training.common import (ADDED_SETTINGS, atomic_dir, check_collection_backend, check_ready_backend,
+                                         collect_resumable, describe_backend)
 
 HEADS = ("v", "q")
 LOSSES = ("bce", "mse", "mle")
@@ -290,17 +291,10 @@ class VLLMPolicy(_Sampler):
         self.pad_token_id = int(pad if pad is not None else min(self.eos_token_ids))  # as Policy.from_model
 
     def roll_in_guide(self, value_model_dir: Path, *, eta: float, top_k: int, temperature: float, top_p: float):
-        from guidedecode.errors import GuidedecodeError
-        from guidedecode.vllm import QSharp
-        from guidedecode.vllm.engine import require_processor
-
-        try:
-            require_processor(self.llm, QSharp)
-        except GuidedecodeError as exc:
-            raise TrainingError(f"a guided roll-in (round > 1, roll_in_eta > 0) on vLLM: {exc}") from exc
+        _require_qsharp_processor(self.llm)
         mode = "mle" if _saved_loss(value_model_dir) == "mle" else "bernoulli"
-        return {"qsharp_eta": float(eta), "qsharp_top_k": int(top_k), "qsharp_value_model": str(value_model_dir),
-                "qsharp_mode": mode}
+        return {"qsharp_eta": float(eta), "qsharp_top_k": int(top_k),
+                "qsharp_value_model": str(Path(value_model_dir).resolve()), "qsharp_mode": mode}
 
     def sample(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                seed: int, guide=None) -> list[list[int]]:
@@ -736,14 +730,23 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
         raise TrainingError(f"task '{config.task}' has duplicate problem ids")
     train_ids, held_ids = split_problems(ids, config.held_out, config.seed)
     device = resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_ready_backend(config.backend, backend, config.model)
+    guided_rounds = config.rounds > 1 and config.roll_in_eta > 0
+    if config.backend == "vllm":
+        if backend is None:  # the engine first: on a GPU it takes its share before the transformers copy
+            backend = _vllm_backend(config, out, guided=guided_rounds)
+        policy = VLLMPolicy(backend)
+        if guided_rounds:  # fail now, not after round 1
+            _require_qsharp_processor(policy.llm)
     model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)  # also the value backbone
     if config.backend == "vllm":
-        policy = VLLMPolicy(backend if backend is not None else _vllm_backend(config))
         check_same_tokenizer(policy.tokenizer, tokenizer)
+        collection = describe_backend(backend)
     else:
         policy = Policy.from_model(model, tokenizer)
+        collection = {"backend": "hf", "dtype": str(model.dtype).removeprefix("torch."), "device": str(device)}
     say(f"{len(problems)} problems: {len(train_ids)} train, {len(held_ids)} held out; eos ids {policy.eos_token_ids}"
-        f"; collecting with {config.backend}")
+        f"; collecting with {collection}")
 
     summaries: list[dict] = []
     previous_model = None
@@ -802,22 +805,36 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
             say(f"round {round_index}: held-out BCE {held['bce']:.4f} vs constant {held['bce_constant']:.4f} "
                 f"(base rate {split_rate:.3f}); accuracy {held['accuracy']:.3f}; AUC {held['auc']}")
         del value_model
-    result = {"rounds": summaries, "final": summaries[-1], "model": str(previous_model)}
+    result = {"rounds": summaries, "final": summaries[-1], "model": str(previous_model), "collection": collection}
     write_json(out / "metrics.json", result)
     return result
 
 
-def _vllm_backend(config: QSharpTrainConfig):
-    """A VLLMBackend for collection, its engine carrying the Q# processor when a round is guided."""
+def _vllm_backend(config: QSharpTrainConfig, out: Path, *, guided: bool):
+    """A VLLMBackend for collection; for guided rounds its engine carries the Q# processor and accepts the
+    value models this run writes (``$GUIDEDECODE_VALUE_MODEL_ROOT`` = the run directory)."""
     from guidedecode.training.common import collection_backend
 
     processors = []
-    if config.rounds > 1 and config.roll_in_eta > 0:
+    if guided:
         from guidedecode.vllm import QSharp
+        from guidedecode.vllm.processors import VALUE_MODEL_ROOT_ENV
 
+        os.environ[VALUE_MODEL_ROOT_ENV] = str(Path(out).resolve())  # before the engine's processes start
         processors = [QSharp]
     return collection_backend("vllm", config.model, load=None, batch_size=config.gen_batch_size, seed=config.seed,
-                              dtype=config.dtype, processors=processors)
+                              dtype=config.dtype, device=config.device, processors=processors)
+
+
+def _require_qsharp_processor(llm) -> None:
+    from guidedecode.errors import GuidedecodeError
+    from guidedecode.vllm import QSharp
+    from guidedecode.vllm.engine import require_processor
+
+    try:
+        require_processor(llm, QSharp)
+    except GuidedecodeError as exc:
+        raise TrainingError(f"a guided roll-in (round > 1, roll_in_eta > 0) on vLLM: {exc}") from exc
 
 
 def check_same_tokenizer(served, loaded) -> None:
@@ -879,7 +896,8 @@ def _check_or_write_config(path: Path, config: QSharpTrainConfig) -> None:
         existing = read_json(path, error=TrainingError)
         if not isinstance(existing, dict):
             raise TrainingError(f"{path} does not hold a settings object: use a new --out directory")
-        changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and existing.get(k) != wanted[k])
+        changed = sorted(k for k in wanted
+                         if k not in RESUMABLE_CHANGES and existing.get(k, ADDED_SETTINGS.get(k)) != wanted[k])
         if changed:
             raise TrainingError(f"{path.parent} holds a run with different settings ({', '.join(changed)}): "
                                 "use a new --out directory")

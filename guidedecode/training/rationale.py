@@ -62,12 +62,14 @@ from guidedecode.errors import TrainingError
 from guidedecode.records import atomic_write_text, read_json, write_jsonl
 from guidedecode.records import read_jsonl as _read_records
 from guidedecode.training.common import (
+    ADDED_SETTINGS,
     FitConfig,
     LMExample,
     atomic_dir,
     collect_resumable,
     fit,
     masked_loss_sum,
+    describe_backend,
     split_dev,
 )
 
@@ -111,6 +113,8 @@ def check_settings(out: Path, stage: str, settings: dict) -> None:
     path = Path(out) / "settings.json"
     recorded = read_json(path, error=TrainingError) if path.is_file() else {}
     previous = recorded.get(stage)
+    if previous is not None:  # a setting added later reads as the value older runs used
+        previous = {**{k: v for k, v in ADDED_SETTINGS.items() if k in settings}, **previous}
     if previous is not None and previous != settings:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         raise TrainingError(
@@ -831,7 +835,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
     ``backend``: a ready backend of ``config.model`` for extract and filter (default: built from
     ``config.backend`` on first use); ``loader``: what loads a model by name (default ``load_model``)."""
     from guidedecode.models import load_model
-    from guidedecode.training.common import check_collection_backend, collection_backend
+    from guidedecode.training.common import check_collection_backend, check_ready_backend, collection_backend
 
     loader = loader or load_model
     check_collection_backend(config.backend)
@@ -853,12 +857,14 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
     out.mkdir(parents=True, exist_ok=True)
     placement = {"dtype": config.dtype} if config.dtype else {}
 
+    check_ready_backend(config.backend, backend, config.model)
+
     def scorer_backend():
         nonlocal backend
         if backend is None:
             backend = collection_backend(config.backend, config.model, batch_size=max(config.extract_batch_size, 2),
                                          load=lambda: loader(config.model, device=config.device, **placement),
-                                         dtype=config.dtype)
+                                         dtype=config.dtype, device=config.device)
         return backend
 
     if "extract" in stages:
@@ -881,7 +887,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
                                             "prompt": _text_hash(EXTRACTION_SYSTEM + repr(EXTRACTION_DEMOS))})
             counts = extract(scorer_backend(), documents, out / "extract.jsonl", max_new_tokens=max_new_tokens,
                              batch_size=config.extract_batch_size, progress=progress)
-        update_metrics(out, "extract", counts)
+        update_metrics(out, "extract", {**counts, "generated_with": describe_backend(scorer_backend())})
     if "align" in stages:
         extracted = _stage_input(out / "extract.jsonl", "extract")
         if config.records is not None:
@@ -894,7 +900,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
                                        "system": _text_hash(FILTER_SYSTEM)})
         counts = filter_records(scorer_backend(), aligned, out, taus=config.taus, default_tau=config.default_tau,
                                 gamma=config.gamma, progress=progress)
-        update_metrics(out, "filter", counts)
+        update_metrics(out, "filter", {**counts, "scored_with": describe_backend(scorer_backend())})
     if "sft" in stages:
         kept = _stage_input(out / "filtered.jsonl", "filter")
         if not kept:

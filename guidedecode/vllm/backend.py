@@ -5,7 +5,8 @@ Every step strategy written against :class:`~guidedecode.backends.base.Backend` 
 * ``sample(prompts, n)`` is one ``LLM.generate`` call with ``SamplingParams(n=n)``: vLLM prefills each
   prompt once and its prefix cache shares it between the n samples and later calls;
 * ``greedy`` is the same at temperature 0; a seeded ``sample`` gives each prompt its own seed
-  (:func:`prompt_seed`), so a call is reproducible whatever else the engine runs beside it;
+  (:func:`prompt_seed`): the random draws of a call do not depend on what else the engine runs (the
+  logits can still differ in the last bits with the batch's composition, e.g. on GPUs);
 * ``score(prefix, continuations)`` reads ``prompt_logprobs`` of ``prefix + continuation`` over the
   continuation's span, with the token boundary of :meth:`TokenizerPrompts.join` (the one ``HFBackend``
   uses), so both backends score the same tokens.
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from guidedecode import validation
 from guidedecode.backends.base import BackendStats, Completion, ContinuationScore, Prompt
 from guidedecode.backends.text import TokenizerPrompts, stop_list
 from guidedecode.errors import StrategyError
@@ -56,13 +58,14 @@ class VLLMBackend(TokenizerPrompts):
 
     # ----------------------------------------------------------------------------------- sampling
     def sample(self, prompts, n=1, *, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop=None, seed=None):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise StrategyError(f"n must be an integer >= 1, got {n!r}")
-        if not temperature > 0:
-            raise StrategyError(f"temperature must be > 0 for sampling (use greedy()), got {temperature}")
+        n = validation.positive_int("n", n, error=StrategyError)  # the same checks as HFBackend.sample
+        temperature = validation.temperature("temperature", temperature, error=StrategyError)  # 0: use greedy()
+        top_p = validation.probability("top_p", top_p, error=StrategyError)
+        top_k = validation.integer("top_k", top_k, minimum=0, error=StrategyError)
+        validation.optional(validation.integer, "seed", seed, minimum=0, error=StrategyError)
         return self._generate(prompts, n, max_new_tokens=max_new_tokens, stop=stop,
-                              options=dict(temperature=float(temperature), top_p=float(top_p),
-                                           top_k=int(top_k) if top_k else 0, seed=seed))
+                              options=dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                           seed=seed))
 
     def greedy(self, prompts, *, max_new_tokens=256, stop=None):
         results = self._generate(prompts, 1, max_new_tokens=max_new_tokens, stop=stop, options=dict(temperature=0.0))

@@ -12,7 +12,7 @@ import os
 from guidedecode.errors import GuidedecodeError
 
 __all__ = ["CPU_KV_CACHE_BYTES", "GUIDE_PROCESSORS", "build_backend", "build_engine", "guide_request",
-           "require_processor"]
+           "require_processor", "stored_dtype"]
 
 
 def _qsharp(params: dict) -> tuple[dict, dict]:
@@ -92,7 +92,8 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def build_engine(model: str, *, processors=(), dtype: str | None = None, seed: int = 0, **engine_args):
-    """``vllm.LLM`` for a guidedecode model name (embedded name, directory or Hub id), eager mode.
+    """``vllm.LLM`` for a guidedecode model name (embedded name, directory or Hub id), eager mode, prefix
+    caching on, weights in ``dtype`` (default: as stored, like ``load_model``; :func:`stored_dtype`).
 
     Without a GPU the KV cache is :data:`CPU_KV_CACHE_BYTES` unless ``kv_cache_memory_bytes`` (or
     ``gpu_memory_utilization``) is given."""
@@ -101,12 +102,25 @@ def build_engine(model: str, *, processors=(), dtype: str | None = None, seed: i
 
     from guidedecode.models import model_source
 
+    source = model_source(model)
     options = {"enforce_eager": True, "enable_prefix_caching": True, "seed": seed, **engine_args}
     if not torch.cuda.is_available() and not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(options):
         options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-    if dtype:
-        options["dtype"] = dtype
-    return LLM(model_source(model), logits_processors=list(processors) or None, **options)
+    options["dtype"] = dtype or stored_dtype(source) or "auto"
+    return LLM(source, logits_processors=list(processors) or None, **options)
+
+
+def stored_dtype(source: str) -> str | None:
+    """The dtype a model's config records (``"float32"``, ...): what ``load_model`` loads it in by default.
+    vLLM's ``"auto"`` would instead turn float32 weights into bfloat16 on CPUs, so the engine is given this."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return None  # not readable here (e.g. a Hub id not yet downloaded): vLLM decides ("auto")
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def build_backend(model: str, *, processors=(), dtype: str | None = None, seed: int = 0, extra_args=None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -154,6 +155,9 @@ class GuideLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
 
 # ------------------------------------------------------------------------------------------ Q#
 VALUE_MODEL_ENV = "GUIDEDECODE_VALUE_MODEL"
+VALUE_MODEL_ROOT_ENV = "GUIDEDECODE_VALUE_MODEL_ROOT"
+KEEP_VALUE_MODELS = 2
+"""Per-request value models an engine keeps loaded (besides its default)."""
 
 
 class QSharp(GuideLogitsProcessor):
@@ -162,12 +166,15 @@ class QSharp(GuideLogitsProcessor):
     ends correct (modes as :func:`~guidedecode.guides.qsharp.qsharp_offsets`).
 
     The value model is a :class:`~guidedecode.ValueModel` ``save_pretrained`` directory: the engine's
-    default is ``$GUIDEDECODE_VALUE_MODEL`` (loaded at engine start), and a request may name another one
-    (``qsharp_value_model``; loaded on first use and kept, one copy per directory, on the engine's device).
+    default is ``$GUIDEDECODE_VALUE_MODEL`` (loaded at engine start). A request may name another one
+    (``qsharp_value_model``) only where the engine's operator allows it: the directory must lie under
+    ``$GUIDEDECODE_VALUE_MODEL_ROOT`` (clients cannot make a server read arbitrary paths); it is loaded on
+    first use onto the engine's device, the :data:`KEEP_VALUE_MODELS` most recently used kept.
     Per request (``SamplingParams.extra_args`` / ``vllm_xargs``):
 
     * ``qsharp_eta``: guidance strength ``1/eta_paper`` (> 0); absent or 0: the request is untouched;
-    * ``qsharp_value_model``: the value-model directory (default: ``$GUIDEDECODE_VALUE_MODEL``);
+    * ``qsharp_value_model``: a value-model directory under ``$GUIDEDECODE_VALUE_MODEL_ROOT`` (default:
+      ``$GUIDEDECODE_VALUE_MODEL``);
     * ``qsharp_mode``: ``bernoulli`` (default; ``mle`` for an mle value model), ``cd``, ``expectation``,
       ``fudge``;
     * ``qsharp_top_k``: candidates per step (default 20; -1 = whole vocabulary);
@@ -206,26 +213,54 @@ class QSharp(GuideLogitsProcessor):
             if not os.environ.get(VALUE_MODEL_ENV):
                 raise ValueError(f"this request asks for Q# guidance but names no value model: give "
                                  f"qsharp_value_model or set ${VALUE_MODEL_ENV} for the engine")
-        elif not isinstance(directory, str) or not os.path.isfile(os.path.join(directory, "config.json")):
-            raise ValueError(f"qsharp_value_model must be the directory of a saved ValueModel "
-                             f"(ValueModel.save_pretrained), got {directory!r}")
+        else:
+            directory = cls._allowed_value_model(directory)
         return {"eta": float(eta), "mode": mode, "top_k": top_k, "tail": tail, "value_model": directory}
 
-    def setup(self, vllm_config):
-        self.value_models: dict[str, Any] = {}
-        self.default_value_model = os.environ.get(VALUE_MODEL_ENV) or None
-        if self.default_value_model:  # a broken default is an error at engine start, not at the first request
-            self.load_value_model(self.default_value_model)
+    @staticmethod
+    def _allowed_value_model(directory) -> str:
+        """The resolved path of a request's ``qsharp_value_model``, if the engine allows it."""
+        root = os.environ.get(VALUE_MODEL_ROOT_ENV)
+        if not root:
+            raise ValueError(f"this engine takes no per-request value models (qsharp_value_model): its operator "
+                             f"allows them by setting ${VALUE_MODEL_ROOT_ENV} to the directory they must lie under")
+        if not isinstance(directory, str) or not directory:
+            raise ValueError(f"qsharp_value_model must be a directory path, got {directory!r}")
+        resolved, allowed = os.path.realpath(directory), os.path.realpath(root)
+        if os.path.commonpath([resolved, allowed]) != allowed:
+            raise ValueError(f"qsharp_value_model {directory!r} is not under ${VALUE_MODEL_ROOT_ENV}")
+        if not os.path.isfile(os.path.join(resolved, "config.json")):
+            raise ValueError(f"qsharp_value_model {directory!r} is not a saved ValueModel (no config.json; "
+                             "ValueModel.save_pretrained writes one)")
+        return resolved
 
-    def load_value_model(self, directory: str):
-        """The value model saved in ``directory`` (loaded once; its tokenizer checked against the served one)."""
+    def setup(self, vllm_config):
+        self.value_models: OrderedDict[str, Any] = OrderedDict()  # per-request ones, least recently used first
+        self.default_value_model = os.environ.get(VALUE_MODEL_ENV) or None
+        self.default = None
+        if self.default_value_model:  # a broken default is an error at engine start, not at the first request
+            self.default = self._load(self.default_value_model)
+
+    def load_value_model(self, directory: str | None):
+        """The engine's default value model (``None``), or the one saved in ``directory`` (loaded on first
+        use, its tokenizer checked against the served one; the least recently used beyond
+        :data:`KEEP_VALUE_MODELS` dropped; requests already running keep theirs)."""
+        if directory is None:
+            return self.default
+        if directory in self.value_models:
+            self.value_models.move_to_end(directory)
+        else:
+            self.value_models[directory] = self._load(directory)
+            while len(self.value_models) > KEEP_VALUE_MODELS:
+                self.value_models.popitem(last=False)
+        return self.value_models[directory]
+
+    def _load(self, directory: str):
         from guidedecode.value_model import ValueModel
 
-        if directory not in self.value_models:
-            value_model = ValueModel.from_pretrained(directory, device=self.device)
-            self._check_tokenizer(value_model)
-            self.value_models[directory] = value_model
-        return self.value_models[directory]
+        value_model = ValueModel.from_pretrained(directory, device=self.device)
+        self._check_tokenizer(value_model)
+        return value_model
 
     def _check_tokenizer(self, value_model) -> None:
         """The value model must share the served model's tokenizer (it reads the same token ids)."""
@@ -244,12 +279,12 @@ class QSharp(GuideLogitsProcessor):
         from guidedecode.errors import GuideError
         from guidedecode.guides.qsharp import QSharpGuide
 
-        directory = options["value_model"] or self.default_value_model
-        if not directory:  # validate_params refused it already, unless the engine's environment differs
+        value_model = self.load_value_model(options["value_model"])
+        if value_model is None:  # validate_params refused it already, unless the engine's environment differs
             raise GuideError(f"a Q# request names no value model and the engine has no ${VALUE_MODEL_ENV}")
         temperature = float(sampling_params.temperature or 0.0)
         return QSharpGuide(
-            self.load_value_model(directory),
+            value_model,
             eta=options["eta"],
             mode=options["mode"],
             top_k=options["top_k"],

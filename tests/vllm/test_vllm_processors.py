@@ -9,6 +9,7 @@ Runs in the vLLM virtual environment (``tools/setup-vllm-venv.sh``); skipped whe
 
 from __future__ import annotations
 
+import os
 import random
 from types import SimpleNamespace
 
@@ -372,10 +373,18 @@ def test_per_request_value_model_without_an_engine_default(monkeypatch, value_mo
     no default needed at engine start; a bad directory is refused at admission, naming it."""
     from guidedecode.value_model import ValueModel
 
+    from guidedecode.vllm.processors import VALUE_MODEL_ROOT_ENV
+
     monkeypatch.delenv(VALUE_MODEL_ENV, raising=False)
+    monkeypatch.delenv(VALUE_MODEL_ROOT_ENV, raising=False)
     proc = QSharp(config(), torch.device("cpu"), False)
-    with pytest.raises(ValueError, match="qsharp_value_model"):
-        QSharp.validate_params(params(3.0, qsharp_value_model=str(tmp_path)))
+    with pytest.raises(ValueError, match=VALUE_MODEL_ROOT_ENV):  # off unless the operator allows it
+        QSharp.validate_params(params(3.0, qsharp_value_model=str(value_model_dir)))
+    monkeypatch.setenv(VALUE_MODEL_ROOT_ENV, str(value_model_dir.parent))
+    with pytest.raises(ValueError, match="not under"):  # a client cannot name paths outside the root
+        QSharp.validate_params(params(3.0, qsharp_value_model=str(value_model_dir / ".." / "..")))
+    with pytest.raises(ValueError, match="not a saved ValueModel"):
+        QSharp.validate_params(params(3.0, qsharp_value_model=str(value_model_dir.parent)))
     with pytest.raises(ValueError, match="qsharp_value_model"):
         QSharp.validate_params(params(3.0, qsharp_value_model=7))
     guided = params(3.0, qsharp_value_model=str(value_model_dir))
@@ -388,7 +397,7 @@ def test_per_request_value_model_without_an_engine_default(monkeypatch, value_mo
     out = proc.apply(logits.clone())
     value_model = ValueModel.from_pretrained(value_model_dir)
     torch.testing.assert_close(out[0], expected_row(value_model, guided, prompt, logits[0].clone()))
-    assert list(proc.value_models) == [str(value_model_dir)]  # loaded once, kept for later requests
+    assert list(proc.value_models) == [os.path.realpath(value_model_dir)]  # loaded once, kept for later requests
 
 
 def test_import_touches_no_cuda():

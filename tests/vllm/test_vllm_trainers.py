@@ -21,7 +21,7 @@ vllm = pytest.importorskip("vllm")
 from guidedecode import ValueModel, load_model  # noqa: E402
 from guidedecode.models import DEFAULT_MODEL, EMBEDDED_MODELS, converted_model_dir  # noqa: E402
 from guidedecode.vllm import QSharp, VLLMBackend  # noqa: E402
-from guidedecode.vllm.processors import VALUE_MODEL_ENV  # noqa: E402
+from guidedecode.vllm.processors import VALUE_MODEL_ENV, VALUE_MODEL_ROOT_ENV  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -29,10 +29,11 @@ SYNTHETIC = {"task": "synthetic", "task_options": {"level": 1}}
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(tmp_path_factory):
     """fp32 engine with the Q♯ processor and no default value model (requests name theirs)."""
     mp = pytest.MonkeyPatch()
     mp.delenv(VALUE_MODEL_ENV, raising=False)
+    mp.setenv(VALUE_MODEL_ROOT_ENV, str(tmp_path_factory.getbasetemp()))  # value models named per request
     engine = vllm.LLM(str(converted_model_dir(EMBEDDED_MODELS[DEFAULT_MODEL])), dtype="float32", enforce_eager=True,
                       kv_cache_memory_bytes=256 << 20, max_model_len=2048, seed=0, logits_processors=[QSharp])
     yield engine
@@ -68,6 +69,7 @@ def test_qsharp_training_collects_on_vllm_and_resumes_bit_identical(llm, tmp_pat
     backend = VLLMBackend(llm)
     full = run(qsharp_config(), tmp_path / "full", progress=False, backend=backend)
     assert [r["round"] for r in full["rounds"]] == [1, 2] and full["rounds"][1]["roll_in_eta"] == 5.0
+    assert full["collection"] == {"backend": "vllm", "dtype": "float32", "device": "cpu"}
 
     def kill_after_first_chunk(_):
         raise Interrupt
@@ -172,17 +174,32 @@ def test_optune_attempts_on_vllm(llm, tmp_path):
     assert (tmp_path / "editor").is_dir()
 
 
+def test_a_ready_backend_must_match_the_run_settings(llm, tmp_path):
+    from guidedecode.errors import TrainingError
+    from guidedecode.training.qsharp import run
+
+    with pytest.raises(TrainingError, match="backend setting is 'hf'"):
+        run(qsharp_config(backend="hf"), tmp_path / "a", progress=False, backend=VLLMBackend(llm))
+    with pytest.raises(TrainingError, match="serves"):
+        run(qsharp_config(model="smollm2-360m-instruct"), tmp_path / "b", progress=False, backend=VLLMBackend(llm))
+
+
 # ------------------------------------------------------------------------------------------ CLI
-def test_train_qsharp_cli_builds_its_own_engine(tmp_path):
-    """``guidedecode train qsharp --backend vllm`` end to end in a fresh process (it starts the engine)."""
-    out = tmp_path / "run"
+def test_train_qsharp_cli_builds_its_own_engine_for_guided_rounds(tmp_path):
+    """``guidedecode train qsharp --backend vllm`` in a fresh process, two rounds with a relative --out: the
+    trainer builds its own engine with the Q# processor and round 2's roll-in reads round 1's value model."""
     command = [sys.executable, "-m", "guidedecode.cli.main", "train", "qsharp", "--task", "synthetic", "--level", "1",
                "--problems", "2", "--samples", "2", "--max-new-tokens", "8", "--epochs", "1", "--value-layers", "1",
-               "--held-out", "0", "--keep-no-variation", "--backend", "vllm", "--out", str(out), "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+               "--rounds", "2", "--roll-in-eta", "5", "--held-out", "0", "--keep-no-variation", "--backend", "vllm",
+               "--out", "run", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
     assert json.loads((out / "config.json").read_text())["backend"] == "vllm"
-    assert len((out / "round-1" / "data.jsonl").read_text().splitlines()) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["collection"]["backend"] == "vllm" and metrics["collection"]["dtype"] == "float32"  # as stored
+    records = [json.loads(line) for line in (out / "round-2" / "data.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["roll_in_eta"] == 5.0 for r in records)
 
 
 def test_a_guided_request_needs_its_processor_in_the_engine(llm):
