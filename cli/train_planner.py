@@ -21,7 +21,8 @@ from guidedecode.training.planner import SCHEMES, PlannerConfig, export_checkpoi
               show_default=True, expose_value=False, help=METHOD_HELP)
 @click.option("--scheme", type=click.Choice(SCHEMES), default="memreason", show_default=True,
               help="step types: memreason ([rag]/[reason] labels -> memory/reason), kmeans (clusters of step "
-                   "embeddings), arith (the operators of each step); none = plain chain-of-thought LoRA baseline")
+                   "embeddings), sqvae (a soft-quantised VAE over step embeddings), arith (the operators of each "
+                   "step), tfidf (each step's top TF-IDF keyword); none = plain chain-of-thought LoRA baseline")
 @click.option("--model", default="smollm2-135m-instruct", show_default=True,
               help="base model: embedded name or local HF directory")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -33,7 +34,8 @@ from guidedecode.training.planner import SCHEMES, PlannerConfig, export_checkpoi
 @click.option("--examples", "-n", type=int, default=None, help="a seeded subset of N rows (without replacement)")
 @click.option("--n-prefix", default=3, show_default=True, help="general (prefix) tokens before every step")
 @click.option("--n-special", default=2, show_default=True, help="tokens per type block (0: general block only)")
-@click.option("--k", default=4, show_default=True, help="k-means clusters (--scheme kmeans)")
+@click.option("--k", default=4, show_default=True,
+              help="number of types: k-means clusters, SQ-VAE codes or TF-IDF keywords (--scheme kmeans|sqvae|tfidf)")
 @click.option("--epochs", default=3, show_default=True, help="epochs; the one with the lowest dev loss is kept")
 @click.option("--max-steps", type=int, default=None, help="stop after N optimizer steps (equal-step comparisons)")
 @click.option("--batch-size", default=4, show_default=True)

@@ -181,6 +181,62 @@ def test_kmeans_typer_uses_offsets_and_is_seeded(base_tokenizer):
         KMeansTyper(model, base_tokenizer, k=1)
 
 
+def test_sqvae_typer_is_seeded_learns_and_types_every_step(base_tokenizer):
+    from guidedecode.planning import SQVAETyper
+
+    model = tiny_model("llama", vocab_size=len(base_tokenizer))
+    rows = [{"question": f"q{i}", "steps": [f"step {j} of {i}" for j in range(3)], "answer": "1"} for i in range(5)]
+    a = SQVAETyper(model, base_tokenizer, k=3, seed=0, epochs=30, lr=1e-3).fit(rows)
+    b = SQVAETyper(model, base_tokenizer, k=3, seed=0, epochs=30, lr=1e-3).fit(rows)
+    assert a(rows) == b(rows) and a.losses == b.losses  # seeded: init, noise and order
+    assert a.types == ("vae0", "vae1", "vae2")
+    assert all(len(t) == 3 and all(len(x) == 1 and x[0] in a.types for x in t) for t in a(rows))
+    assert a.losses[-1] < a.losses[0]  # the VAE objective falls
+    before = torch.random.get_rng_state()
+    SQVAETyper(model, base_tokenizer, k=2, seed=1, epochs=1).fit(rows[:2])
+    assert torch.equal(before, torch.random.get_rng_state())  # the global RNG is left alone
+    with pytest.raises(PlanningTokenError, match="k >= 2"):
+        SQVAETyper(model, base_tokenizer, k=1)
+    with pytest.raises(PlanningTokenError, match="epochs"):
+        SQVAETyper(model, base_tokenizer, k=2, epochs=0)
+    with pytest.raises(PlanningTokenError, match="fit"):
+        SQVAETyper(model, base_tokenizer, k=2)(rows)
+
+
+def test_sqvae_loss_is_half_mse_plus_a_tenth_of_the_gaussian_kl():
+    """The loss against a hand computation with the same noise."""
+    from guidedecode.planning.typers import SQVAE
+
+    torch.manual_seed(0)
+    vae = SQVAE(6, 3, width=8, code_dim=4)
+    x = torch.randn(5, 6)
+    got = vae.loss(x, torch.Generator().manual_seed(7))
+    mu, log_var = vae.encoder(x)[:, :3], vae.encoder(x)[:, 3:]
+    z = mu + torch.randn(mu.shape, generator=torch.Generator().manual_seed(7)) * torch.exp(0.5 * log_var)
+    recon = vae.decoder(torch.softmax(z, -1) @ vae.code.weight.T)
+    kl = (0.5 * (mu ** 2 + log_var.exp() - 1 - log_var)).sum(-1).mean()
+    torch.testing.assert_close(got, 0.5 * ((recon - x) ** 2).mean() + 0.1 * kl)
+
+
+def test_tfidf_typer_picks_the_top_keywords_and_types_by_the_highest_weight():
+    from guidedecode.planning import TfidfTyper
+
+    rows = [{"question": "q", "steps": ["[rag]: The apples cost money.", "Count the apples and oranges.",
+                                        "Oranges are orange.", "It is so."], "answer": "1"},
+            {"question": "q", "steps": ["More apples here.", "Bananas once."], "answer": "2"}]
+    typer = TfidfTyper(k=2).fit(rows)
+    assert typer.types == ("apples", "oranges")  # the two largest total TF-IDF masses ("so", "it": stop words)
+    typed = typer(rows)
+    assert typed[0][0] == ["apples"] and typed[0][2] == ["oranges"] and typed[0][3] == []  # no keyword: assignment
+    assert typed[1] == [["apples"], []]
+    # both keywords once: the rarer one weighs more (apples in 3 of 6 steps, oranges in 2)
+    assert typed[0][1] == ["oranges"]
+    with pytest.raises(PlanningTokenError, match="k >= 1"):
+        TfidfTyper(k=0)
+    with pytest.raises(PlanningTokenError, match="found only"):
+        TfidfTyper(k=50).fit(rows)
+
+
 # ------------------------------------------------------------------------------------------ trace
 
 
@@ -487,11 +543,11 @@ def test_registry_builds_the_guide(tmp_path, base_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["kmeans", "arith"])
+@pytest.mark.parametrize("scheme", ["kmeans", "sqvae", "arith", "tfidf"])
 def test_train_planner_other_schemes(tmp_path, scheme):
     from guidedecode.training.planner import PlannerConfig, train_planner
 
-    if scheme == "kmeans":
+    if scheme in ("kmeans", "sqvae", "tfidf"):
         data = _write_data(tmp_path / "data.json", n=8)
     else:
         data = tmp_path / "gsm.jsonl"
@@ -502,9 +558,12 @@ def test_train_planner_other_schemes(tmp_path, scheme):
                            grad_accum=1, lora_r=2)
     metrics = train_planner(config, tmp_path / "run", loader=_loader("llama", False))
     vocab = PlanningVocab.from_pretrained(tmp_path / "run" / "merged")
-    if scheme == "kmeans":
-        assert vocab.types == ("kmeans0", "kmeans1")
+    if scheme in ("kmeans", "sqvae"):
+        assert vocab.types == {"kmeans": ("kmeans0", "kmeans1"), "sqvae": ("vae0", "vae1")}[scheme]
         assert sum(metrics["train_step_types"].values()) == 2 * metrics["train_examples"]
+    elif scheme == "tfidf":
+        assert len(vocab.types) == 2 and all(t.isalpha() for t in vocab.types)  # keywords of the steps
+        assert set(metrics["train_step_types"]) <= set(vocab.types) | {"assignment"}
     else:
         assert vocab.types == ("add", "sub", "mul", "div")
         assert metrics["train_step_types"] == {"mul": metrics["train_examples"], "add": metrics["train_examples"]}

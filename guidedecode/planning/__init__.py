@@ -2,7 +2,8 @@
 
 * :mod:`~guidedecode.planning.vocab`: :class:`PlanningVocab` (the token registry) and
   :func:`add_planning_tokens` (vocabulary extension with the padded-embedding check);
-* :mod:`~guidedecode.planning.typers`: step typers (``memreason`` labels, ``kmeans``, ``arith``);
+* :mod:`~guidedecode.planning.typers`: step typers (``memreason`` labels, ``kmeans``, ``sqvae``, ``arith``,
+  ``tfidf``);
 * :mod:`~guidedecode.planning.data`: reading rows, the target layout, encoding;
 * :mod:`~guidedecode.planning.trace`: the step structure ``[{type, text}]`` of a generation;
 * training: :mod:`guidedecode.training.planner` (``guidedecode train planner``);
@@ -11,7 +12,16 @@
 
 from guidedecode.planning.data import encode, extract_answer, prompt_text, read_examples, target_text, type_examples
 from guidedecode.planning.trace import format_trace, parse_trace, strip_planning_tokens, trace_stats
-from guidedecode.planning.typers import SCHEMES, ArithmeticTyper, KMeansTyper, LabelTyper, StepTyper, make_typer
+from guidedecode.planning.typers import (
+    SCHEMES,
+    ArithmeticTyper,
+    KMeansTyper,
+    LabelTyper,
+    SQVAETyper,
+    StepTyper,
+    TfidfTyper,
+    make_typer,
+)
 from guidedecode.planning.vocab import (
     PlanningTokenError,
     PlanningVocab,
@@ -26,7 +36,9 @@ __all__ = [
     "LabelTyper",
     "PlanningTokenError",
     "PlanningVocab",
+    "SQVAETyper",
     "StepTyper",
+    "TfidfTyper",
     "add_planning_tokens",
     "encode",
     "extract_answer",

@@ -12,9 +12,19 @@ only); ``types`` lists the names it can return (they become planning-token keys)
   last-layer hidden state over its tokens when the whole example ``"Question: q\\n " + steps joined by
   " \\n"`` is encoded (causal, so it depends on the question and earlier steps); token spans come from
   the tokenizer's offsets (no hard-coded newline id); ``KMeans(K, n_init=10, random_state=seed)``.
+* :class:`SQVAETyper` (``sqvae``, Wang et al. Sec. 3, reference ``model/vae.py``): the same step vectors
+  through a soft-quantised VAE: encoder MLP -> Gaussian (mu, log sigma^2) over K logits, z ~ N(mu, sigma^2),
+  code = softmax(z) W (a 64-d soft-quantised code), decoder MLP reconstructs the step vector;
+  L = 0.5 MSE + 0.1 KL(N(mu, sigma^2) || N(0, I)); Adam 1e-4, 10 epochs, one batch = the steps of one
+  example; type = argmax softmax(mu), names ``vae0..vae{K-1}``.
 * :class:`ArithmeticTyper` (``arith``): the operators of the step's ``<<a*b=c>>`` calculator
   annotations (GSM8K), else of its arithmetic expressions ``number op number``; ``+ - * /`` map to
   ``add sub mul div``; several operators give several types, none gives ``assignment``.
+* :class:`TfidfTyper` (``tfidf``, Wang et al. Sec. 3): TF-IDF over the training steps (scikit-learn; a
+  step is a document, English stop words and tokens under three letters dropped); the K words with the
+  largest total TF-IDF become the types, and a step's type is its highest-TF-IDF word among them (none
+  present: ``assignment``). The type is the word itself, so its new token rows start from that word's
+  embedding.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import re
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from guidedecode.planning.vocab import PlanningTokenError
 
@@ -95,18 +106,18 @@ class ArithmeticTyper(StepTyper):
         return [[self.step_types(step) for step in example["steps"]] for example in examples]
 
 
-class KMeansTyper(StepTyper):
-    """K-means over step embeddings from ``model`` (see module docstring); types ``kmeans0..K-1``."""
+class _EmbeddingTyper(StepTyper):
+    """Types from step vectors: :meth:`embed` gives each step the mean last-layer hidden state of ``model``
+    over its tokens (see the module docstring); subclasses cluster or quantise those vectors."""
 
-    name = "kmeans"
+    prefix = ""
 
     def __init__(self, model, tokenizer, k: int = 4, *, seed: int = 0, batch_size: int = 8, max_length: int = 1024):
-        if k < 2:
-            raise PlanningTokenError(f"k-means needs k >= 2 clusters, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise PlanningTokenError(f"{self.name} needs k >= 2 types, got {k!r}")
         self.model, self.tokenizer, self.k, self.seed = model, tokenizer, k, seed
         self.batch_size, self.max_length = batch_size, max_length
-        self.types = tuple(f"kmeans{i}" for i in range(k))
-        self.kmeans = None
+        self.types = tuple(f"{self.prefix}{i}" for i in range(k))
 
     def clean(self, step: str) -> str:
         return _LABEL.sub("", step, count=1).strip()
@@ -136,6 +147,13 @@ class KMeansTyper(StepTyper):
             out.append(torch.stack(vectors) if vectors else torch.zeros(0, hidden.shape[-1]))
         return out
 
+
+class KMeansTyper(_EmbeddingTyper):
+    """K-means over step embeddings from ``model`` (see module docstring); types ``kmeans0..K-1``."""
+
+    name, prefix = "kmeans", "kmeans"
+    kmeans = None
+
     def fit(self, examples):
         from sklearn.cluster import KMeans
 
@@ -155,7 +173,131 @@ class KMeansTyper(StepTyper):
         return result
 
 
-SCHEMES = ("memreason", "kmeans", "arith")
+class SQVAE(nn.Module):
+    """The soft-quantised VAE of the reference (``model/vae.py``): encoder MLP -> (mu, log sigma^2) over K
+    logits, code = softmax(z) W_code (``code_dim``), decoder MLP back to the step vector."""
+
+    def __init__(self, dim: int, k: int, *, width: int = 512, code_dim: int = 64):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                     nn.Linear(width, 2 * k))
+        self.code = nn.Linear(k, code_dim, bias=False)
+        self.decoder = nn.Sequential(nn.Linear(code_dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                     nn.Linear(width, dim))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, log_var = self.encoder(x).chunk(2, dim=-1)
+        return mu, log_var
+
+    def loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """0.5 * MSE(reconstruction, x) + 0.1 * KL(N(mu, sigma^2) || N(0, I)) (mean over steps)."""
+        mu, log_var = self.encode(x)
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        z = mu + noise * torch.exp(0.5 * log_var)
+        reconstruction = self.decoder(self.code(torch.softmax(z, dim=-1)))
+        kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=-1).mean()
+        return 0.5 * nn.functional.mse_loss(reconstruction, x) + 0.1 * kl
+
+
+class SQVAETyper(_EmbeddingTyper):
+    """SQ-VAE over step embeddings from ``model`` (see module docstring); types ``vae0..K-1``. Hand-written:
+    no library ships this small model; seeded (initialisation, sampling noise, example order)."""
+
+    name, prefix = "sqvae", "vae"
+    vae = None
+
+    def __init__(self, model, tokenizer, k: int = 4, *, seed: int = 0, epochs: int = 10, lr: float = 1e-4, **kwargs):
+        super().__init__(model, tokenizer, k, seed=seed, **kwargs)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise PlanningTokenError(f"sqvae epochs must be an integer >= 1, got {epochs!r}")
+        if not lr > 0:
+            raise PlanningTokenError(f"sqvae lr must be > 0, got {lr!r}")
+        self.epochs, self.lr = epochs, lr
+        self.losses: list[float] = []  # mean training loss per epoch
+
+    def fit(self, examples):
+        batches = [v for v in self.embed(examples) if len(v)]
+        if sum(len(v) for v in batches) < self.k:
+            raise PlanningTokenError(f"sqvae with k={self.k} needs at least {self.k} steps")
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):  # initialisation from the seed, the global RNG untouched
+            torch.manual_seed(self.seed)
+            self.vae = SQVAE(batches[0].shape[-1], self.k)
+        optimizer = torch.optim.Adam(self.vae.parameters(), lr=self.lr)
+        self.losses = []
+        for _ in range(self.epochs):
+            total = 0.0
+            for index in torch.randperm(len(batches), generator=generator).tolist():
+                loss = self.vae.loss(batches[index], generator)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+            self.losses.append(total / len(batches))
+        self.vae.eval()
+        return self
+
+    def __call__(self, examples):
+        if self.vae is None:
+            raise PlanningTokenError("SQVAETyper: call fit(examples) before typing steps")
+        result = []
+        with torch.no_grad():
+            for vectors in self.embed(examples):
+                labels = self.vae.encode(vectors)[0].argmax(-1).tolist() if len(vectors) else []
+                result.append([[self.types[c]] for c in labels])
+        return result
+
+
+class TfidfTyper(StepTyper):
+    """Keyword types by TF-IDF (see module docstring): the ``k`` words with the largest total TF-IDF over
+    the training steps; a step's type is its highest-TF-IDF word among them, ``assignment`` if none."""
+
+    name = "tfidf"
+
+    def __init__(self, k: int = 4):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PlanningTokenError(f"tfidf needs k >= 1 keyword types, got {k!r}")
+        self.k = k
+        self.types: tuple[str, ...] = ()
+        self.vectorizer = None
+
+    def clean(self, step: str) -> str:
+        return _LABEL.sub("", step, count=1).strip()
+
+    def fit(self, examples):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        from guidedecode.planning.vocab import RESERVED
+
+        steps = [self.clean(s) for example in examples for s in example["steps"]]
+        vectorizer = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z]{3,}\b", lowercase=True)
+        try:
+            weights = vectorizer.fit_transform(steps)
+        except ValueError as error:  # no words at all (empty vocabulary)
+            raise PlanningTokenError(f"tfidf: the training steps hold no words to type by ({error})") from error
+        words = vectorizer.get_feature_names_out()
+        mass = weights.sum(axis=0).A1
+        order = sorted(range(len(words)), key=lambda i: (-mass[i], words[i]))  # ties by the word: deterministic
+        chosen = [words[i] for i in order if words[i] not in RESERVED][: self.k]
+        if len(chosen) < self.k:
+            raise PlanningTokenError(f"tfidf with k={self.k} found only {len(chosen)} words in the training steps")
+        self.types = tuple(chosen)
+        self.vectorizer = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z]{3,}\b",
+                                          lowercase=True, vocabulary=chosen).fit(steps)
+        return self
+
+    def __call__(self, examples):
+        if self.vectorizer is None:
+            raise PlanningTokenError("TfidfTyper: call fit(examples) before typing steps")
+        result = []
+        for example in examples:
+            steps = [self.clean(s) for s in example["steps"]]
+            weights = self.vectorizer.transform(steps).toarray() if steps else []
+            result.append([[self.types[int(row.argmax())]] if row.max() > 0 else [] for row in weights])
+        return result
+
+
+SCHEMES = ("memreason", "kmeans", "sqvae", "arith", "tfidf")
 
 
 def make_typer(scheme: str, *, model=None, tokenizer=None, k: int = 4, seed: int = 0) -> StepTyper:
@@ -164,8 +306,10 @@ def make_typer(scheme: str, *, model=None, tokenizer=None, k: int = 4, seed: int
         return LabelTyper()
     if scheme == "arith":
         return ArithmeticTyper()
-    if scheme == "kmeans":
+    if scheme == "tfidf":
+        return TfidfTyper(k)
+    if scheme in ("kmeans", "sqvae"):
         if model is None or tokenizer is None:
-            raise PlanningTokenError("the kmeans scheme needs the model and tokenizer that embed the steps")
-        return KMeansTyper(model, tokenizer, k, seed=seed)
+            raise PlanningTokenError(f"the {scheme} scheme needs the model and tokenizer that embed the steps")
+        return (KMeansTyper if scheme == "kmeans" else SQVAETyper)(model, tokenizer, k, seed=seed)
     raise PlanningTokenError(f"unknown step-typing scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")

@@ -5,8 +5,9 @@ reference WANGXinyiLinda/planning_tokens) and Jin et al., "Disentangling Memory 
 in LLMs" (arXiv 2411.13504, reference MingyuJ666/Disentangling-Memory-and-Reasoning). Stages:
 
 1. **data**: read the rows (memreason JSON or GSM8K JSONL), take a seeded subset without replacement;
-2. **type**: the ``--scheme`` typer gives each step its type(s) (k-means is fitted on the base model's
-   step embeddings of the training rows); ``--scheme none`` is the plain chain-of-thought LoRA baseline;
+2. **type**: the ``--scheme`` typer gives each step its type(s) (k-means / SQ-VAE fitted on the base model's
+   step embeddings of the training rows, TF-IDF keywords on their text); ``--scheme none`` is the plain
+   chain-of-thought LoRA baseline;
 3. **vocabulary**: :func:`~guidedecode.planning.add_planning_tokens` (``n_prefix`` general tokens +
    ``n_special`` per type key), registry and tokenizer written to ``out/``;
 4. **fine-tune**: peft LoRA (r=16, alpha=16, dropout 0.05) on the MLP projections plus
@@ -47,7 +48,7 @@ from guidedecode.planning import (
 from guidedecode.records import write_json
 from guidedecode.training.common import FitConfig, atomic_dir, check_settings, fit, split_dev
 
-SCHEMES = ("memreason", "kmeans", "arith", "none")
+SCHEMES = ("memreason", "kmeans", "sqvae", "arith", "tfidf", "none")
 MLP_TARGETS = (("gate_proj", "up_proj", "down_proj"), ("c_fc", "c_proj"), ("fc1", "fc2"))
 
 
@@ -60,7 +61,7 @@ class PlannerConfig:
     scheme: str = "memreason"
     n_prefix: int = 3
     n_special: int = 2
-    k: int = 4  # k-means clusters
+    k: int = 4  # types of the kmeans / sqvae / tfidf schemes
     examples: int | None = None  # a seeded subset of the rows (without replacement)
     max_length: int = 768  # longer encoded examples are dropped (counted)
     dev_fraction: float = 0.1
