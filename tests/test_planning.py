@@ -203,19 +203,31 @@ def test_sqvae_typer_is_seeded_learns_and_types_every_step(base_tokenizer):
         SQVAETyper(model, base_tokenizer, k=2)(rows)
 
 
-def test_sqvae_loss_is_half_mse_plus_a_tenth_of_the_gaussian_kl():
-    """The loss against a hand computation with the same noise."""
+@pytest.mark.parametrize("variant", ["plain", "contrastive", "next_step"])
+def test_sqvae_loss_matches_a_hand_computation(variant):
+    """0.5 squared error + 0.1 Gaussian KL per step (the reference's reductions), minus 0.1 x the
+    neighbouring-code distance (contrastive), or reconstructing the next step (next_step)."""
     from guidedecode.planning.typers import SQVAE
 
     torch.manual_seed(0)
-    vae = SQVAE(6, 3, width=8, code_dim=4)
+    vae = SQVAE(6, 3, width=8, code_dim=4, variant=variant)
     x = torch.randn(5, 6)
     got = vae.loss(x, torch.Generator().manual_seed(7))
-    mu, log_var = vae.encoder(x)[:, :3], vae.encoder(x)[:, 3:]
+    hidden = vae.encoder(x)
+    mu, log_var = hidden @ vae.mean.weight.T + vae.mean.bias, hidden @ vae.log_var.weight.T + vae.log_var.bias
     z = mu + torch.randn(mu.shape, generator=torch.Generator().manual_seed(7)) * torch.exp(0.5 * log_var)
-    recon = vae.decoder(torch.softmax(z, -1) @ vae.code.weight.T)
-    kl = (0.5 * (mu ** 2 + log_var.exp() - 1 - log_var)).sum(-1).mean()
-    torch.testing.assert_close(got, 0.5 * ((recon - x) ** 2).mean() + 0.1 * kl)
+    code = torch.softmax(z, -1) @ vae.code.weight.T
+    recon = vae.decoder(code)
+    kl = (0.5 * (mu ** 2 + log_var.exp() - 1 - log_var)).sum() / 5
+    if variant == "next_step":
+        want = 0.5 * ((recon[:-1] - x[1:]) ** 2).sum() / 4 + 0.1 * kl
+    else:
+        want = 0.5 * ((recon - x) ** 2).sum() / 5 + 0.1 * kl
+    if variant == "contrastive":
+        want = want - 0.1 * (((code[1:4] - code[2:]) ** 2).mean() + ((code[1:4] - code[:3]) ** 2).mean())
+    torch.testing.assert_close(got, want)
+    with pytest.raises(PlanningTokenError, match="variant"):
+        SQVAE(6, 3, variant="vq")
 
 
 def test_tfidf_typer_picks_the_top_keywords_and_types_by_the_highest_weight():

@@ -15,8 +15,9 @@ only); ``types`` lists the names it can return (they become planning-token keys)
 * :class:`SQVAETyper` (``sqvae``, Wang et al. Sec. 3, reference ``model/vae.py``): the same step vectors
   through a soft-quantised VAE: encoder MLP -> Gaussian (mu, log sigma^2) over K logits, z ~ N(mu, sigma^2),
   code = softmax(z) W (a 64-d soft-quantised code), decoder MLP reconstructs the step vector;
-  L = 0.5 MSE + 0.1 KL(N(mu, sigma^2) || N(0, I)); Adam 1e-4, 10 epochs, one batch = the steps of one
-  example; type = argmax softmax(mu), names ``vae0..vae{K-1}``.
+  L = 0.5 squared error + 0.1 KL(N(mu, sigma^2) || N(0, I)), with the reference's ``contrastive`` (default)
+  and ``next_step`` variants (:class:`SQVAE`); Adam 1e-4, 10 epochs, one batch = the steps of one example;
+  type = argmax softmax(mu), names ``vae0..vae{K-1}``.
 * :class:`ArithmeticTyper` (``arith``): the operators of the step's ``<<a*b=c>>`` calculator
   annotations (GSM8K), else of its arithmetic expressions ``number op number``; ``+ - * /`` map to
   ``add sub mul div``; several operators give several types, none gives ``assignment``.
@@ -173,30 +174,55 @@ class KMeansTyper(_EmbeddingTyper):
         return result
 
 
-class SQVAE(nn.Module):
-    """The soft-quantised VAE of the reference (``model/vae.py``): encoder MLP -> (mu, log sigma^2) over K
-    logits, code = softmax(z) W_code (``code_dim``), decoder MLP back to the step vector."""
+def _mlp(n_in: int, width: int) -> nn.Sequential:
+    """The reference's 3-layer MLP (``model/vae.py``: in -> width -> width -> width, ReLU between)."""
+    return nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
 
-    def __init__(self, dim: int, k: int, *, width: int = 512, code_dim: int = 64):
+
+class SQVAE(nn.Module):
+    """The soft-quantised VAE of the reference (``model/vae.py``): encoder MLP -> Gaussian (mu, log sigma^2)
+    over K logits, z = mu + sigma * eps, code = softmax(z) W_code (``code_dim``), decoder MLP back to the
+    step vector. Per batch (the B steps of one example), with KL = KL(N(mu, sigma^2) || N(0, I)):
+
+    * ``plain``: L = 0.5 ||x_hat - x||^2 / B + 0.1 KL / B;
+    * ``contrastive`` (the reference's default): the same minus 0.1 times the squared distance of each
+      inner step's code to both neighbours' (held fixed), pushing neighbouring steps to other codes;
+    * ``next_step``: x_hat of step t reconstructs step t+1: L = 0.5 ||x_hat_{<B} - x_{>1}||^2 / (B - 1) + 0.1 KL / B.
+    """
+
+    VARIANTS = ("plain", "contrastive", "next_step")
+
+    def __init__(self, dim: int, k: int, *, width: int = 512, code_dim: int = 64, variant: str = "contrastive"):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                     nn.Linear(width, 2 * k))
+        if variant not in self.VARIANTS:
+            raise PlanningTokenError(f"unknown SQ-VAE variant {variant!r}: choose one of {', '.join(self.VARIANTS)}")
+        self.variant = variant
+        self.encoder = _mlp(dim, width)
+        self.mean, self.log_var = nn.Linear(width, k), nn.Linear(width, k)
         self.code = nn.Linear(k, code_dim, bias=False)
-        self.decoder = nn.Sequential(nn.Linear(code_dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                     nn.Linear(width, dim))
+        self.decoder = nn.Sequential(_mlp(code_dim, width), nn.Linear(width, dim))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, log_var = self.encoder(x).chunk(2, dim=-1)
-        return mu, log_var
+        hidden = self.encoder(x)
+        return self.mean(hidden), self.log_var(hidden)
 
     def loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """0.5 * MSE(reconstruction, x) + 0.1 * KL(N(mu, sigma^2) || N(0, I)) (mean over steps)."""
+        batch = x.shape[0]
         mu, log_var = self.encode(x)
         noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
-        z = mu + noise * torch.exp(0.5 * log_var)
-        reconstruction = self.decoder(self.code(torch.softmax(z, dim=-1)))
-        kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=-1).mean()
-        return 0.5 * nn.functional.mse_loss(reconstruction, x) + 0.1 * kl
+        code = self.code(torch.softmax(mu + noise * torch.exp(0.5 * log_var), dim=-1))
+        reconstruction = self.decoder(code)
+        kl = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp()) / batch
+        if self.variant == "next_step":
+            if batch < 2:  # nothing to predict: the plain objective
+                return 0.5 * (reconstruction - x).pow(2).sum() / batch + 0.1 * kl
+            return 0.5 * (reconstruction[:-1] - x[1:]).pow(2).sum() / (batch - 1) + 0.1 * kl
+        loss = 0.5 * (reconstruction - x).pow(2).sum() / batch + 0.1 * kl
+        if self.variant == "contrastive" and batch > 2:
+            inner = code[1:-1]
+            apart = (inner - code[2:].detach()).pow(2).mean() + (inner - code[:-2].detach()).pow(2).mean()
+            loss = loss - 0.1 * apart
+        return loss
 
 
 class SQVAETyper(_EmbeddingTyper):
@@ -206,8 +232,12 @@ class SQVAETyper(_EmbeddingTyper):
     name, prefix = "sqvae", "vae"
     vae = None
 
-    def __init__(self, model, tokenizer, k: int = 4, *, seed: int = 0, epochs: int = 10, lr: float = 1e-4, **kwargs):
+    def __init__(self, model, tokenizer, k: int = 4, *, seed: int = 0, epochs: int = 10, lr: float = 1e-4,
+                 variant: str = "contrastive", **kwargs):
         super().__init__(model, tokenizer, k, seed=seed, **kwargs)
+        if variant not in SQVAE.VARIANTS:
+            raise PlanningTokenError(f"unknown SQ-VAE variant {variant!r}: choose one of {', '.join(SQVAE.VARIANTS)}")
+        self.variant = variant
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise PlanningTokenError(f"sqvae epochs must be an integer >= 1, got {epochs!r}")
         if not lr > 0:
@@ -222,7 +252,7 @@ class SQVAETyper(_EmbeddingTyper):
         generator = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):  # initialisation from the seed, the global RNG untouched
             torch.manual_seed(self.seed)
-            self.vae = SQVAE(batches[0].shape[-1], self.k)
+            self.vae = SQVAE(batches[0].shape[-1], self.k, variant=self.variant)
         optimizer = torch.optim.Adam(self.vae.parameters(), lr=self.lr)
         self.losses = []
         for _ in range(self.epochs):
