@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-__all__ = ["cache_argument", "layer_is_croppable"]
+__all__ = ["cache_argument", "kept_logits", "layer_is_croppable"]
 
 
 def cache_argument(module) -> str:
@@ -23,3 +23,20 @@ def layer_is_croppable(layer) -> bool:
 
         return type(layer) is DynamicLayer
     return bool(value)
+
+
+def kept_logits(model, input_ids, attention_mask, keep):
+    """Logits ``[num_kept, V]`` at the ``True`` positions of the boolean mask ``keep`` ``[B, T]`` (row-major,
+    as ``tensor[keep]``), without computing the others.
+
+    transformers releases with ``modeling_utils.slice_logits_to_keep`` take the boolean mask as
+    ``logits_to_keep`` directly; earlier ones (5.16-5.19 at least) index with it as positions, so there the
+    model gets the sorted union of kept positions (a 1D index tensor, which every release takes) and the
+    mask picks the rows."""
+    from transformers import modeling_utils
+
+    if hasattr(modeling_utils, "slice_logits_to_keep"):
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    positions = keep.any(0).nonzero().flatten()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+    return logits[keep[:, positions]]

@@ -269,3 +269,45 @@ def test_runs_recorded_before_the_backend_setting_resume_as_hf(tmp_path):
     path.write_text(json.dumps({"model": "m", "seed": 0}))
     with pytest.raises(TrainingError, match="backend"):
         check_settings(path, {"model": "m", "seed": 0, "backend": "vllm"})
+
+
+@pytest.mark.parametrize("mask_supported", [True, False])
+def test_kept_logits_equal_the_full_logits_at_the_mask(mask_supported, monkeypatch):
+    """Both ways of computing only the kept logits (a boolean ``logits_to_keep`` where transformers takes one,
+    the union of positions before) give the full forward's logits at the masked positions, row-major."""
+    from transformers import modeling_utils
+
+    from guidedecode.hf_compat import kept_logits
+
+    if not mask_supported:
+        monkeypatch.delattr(modeling_utils, "slice_logits_to_keep", raising=False)
+    elif not hasattr(modeling_utils, "slice_logits_to_keep"):
+        pytest.skip("this transformers release has no boolean logits_to_keep")
+    model = tiny_model("llama", seed=3, vocab_size=40)
+    ids = torch.randint(3, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[0, 5:8] = True
+    keep[1, 2] = True
+    keep[2, 6:] = True
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        got = kept_logits(model, ids, mask, keep)
+    torch.testing.assert_close(got, full[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_stages_that_generate_nothing_need_no_vllm(tmp_path, monkeypatch):
+    """A run collected on vLLM finishes its training stages in an environment without vLLM."""
+    import sys
+
+    from guidedecode.training.dots import DotsPlannerConfig
+    from guidedecode.training.rationale import PipelineConfig, run_pipeline
+    from guidedecode.vllm import VLLMUnavailableError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    DotsPlannerConfig(backend="vllm").validate(stages=("sft", "train"))
+    with pytest.raises(VLLMUnavailableError):
+        DotsPlannerConfig(backend="vllm").validate(stages=("explain",))
+    config = PipelineConfig(out=tmp_path, data=tmp_path / "x.jsonl", model="m", backend="vllm")
+    with pytest.raises(TrainingError, match="run the 'filter' stage first"):  # got past the backend check
+        run_pipeline(config, ("sft",), loader=lambda *a, **k: None)

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import torch
 
 from guidedecode.errors import TrainingError
+from guidedecode.hf_compat import kept_logits
 from guidedecode.records import append_jsonl, check_complete, read_jsonl, write_json
 
 __all__ = [
@@ -191,11 +192,12 @@ COLLECTION_BACKENDS = ("hf", "vllm")
 """Where a trainer's data collection runs: transformers ``generate`` or a vLLM engine."""
 
 
-def check_collection_backend(kind: str) -> str:
-    """``kind`` if it is a known backend (for ``"vllm"``: and a supported vLLM is installed)."""
+def check_collection_backend(kind: str, *, used: bool = True) -> str:
+    """``kind`` if it is a known backend and (``used``: a stage that runs will generate with it) for
+    ``"vllm"`` a supported vLLM is installed."""
     if kind not in COLLECTION_BACKENDS:
         raise TrainingError(f"unknown backend {kind!r}: choose from {', '.join(COLLECTION_BACKENDS)}")
-    if kind == "vllm":
+    if kind == "vllm" and used:
         from guidedecode.vllm import require_vllm
 
         require_vllm()
@@ -297,8 +299,8 @@ def collate(examples: Sequence[LMExample], pad_token_id: int) -> dict[str, torch
 def masked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """``(sum over labelled positions t of -log p(label_t | x_<t), number of labelled positions)``.
 
-    Logits are computed only at the positions that predict a labelled token (``logits_to_keep`` as a
-    boolean mask), so masked prompt tokens cost no ``[T, V]`` logits.
+    Logits are computed only at the positions that predict a labelled token
+    (:func:`~guidedecode.hf_compat.kept_logits`), so masked prompt tokens cost no ``[T, V]`` logits.
     """
     device = next(model.parameters()).device
     labels = batch["labels"]
@@ -307,8 +309,8 @@ def masked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     targets = labels[:, 1:][keep[:, :-1]].to(device)
     if not len(targets):
         raise TrainingError("a training batch has no target tokens (every label is masked)")
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                   logits_to_keep=keep.to(device)).logits  # [num_kept, V]
+    logits = kept_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                         keep.to(device))  # [num_kept, V]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
                                              reduction="sum")
     return loss, len(targets)

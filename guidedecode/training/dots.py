@@ -73,8 +73,8 @@ class DotsPlannerConfig:
     device: str | None = None
     backend: str = "hf"  # where search and explain generate: "hf" or "vllm" (a vLLM engine per model)
 
-    def validate(self) -> None:
-        check_collection_backend(self.backend)
+    def validate(self, stages=("search", "explain")) -> None:
+        check_collection_backend(self.backend, used=bool({"search", "explain"} & set(stages)))
         if self.format not in FORMATS:
             raise TrainingError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.target not in TARGETS:
@@ -169,7 +169,7 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
     from guidedecode.tasks import get_task
     from guidedecode.training.common import check_ready_backend, check_settings, collect_resumable, collection_backend
 
-    config.validate()
+    config.validate(stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TrainingError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")

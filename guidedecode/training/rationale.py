@@ -838,7 +838,7 @@ def run_pipeline(config: PipelineConfig, stages: Sequence[str] = STAGES, *, prog
     from guidedecode.training.common import check_collection_backend, check_ready_backend, collection_backend
 
     loader = loader or load_model
-    check_collection_backend(config.backend)
+    check_collection_backend(config.backend, used=bool({"extract", "filter"} & set(stages)))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TrainingError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
