@@ -48,3 +48,25 @@ def test_exported_lora_matches_the_injector_at_full_rank_and_error_falls_with_ra
         errors[rank] = (logprobs - reference).abs().max().item()
     assert errors[20] <= 1e-4  # rank >= tokens: the edit itself
     assert errors[1] > errors[4] > errors[20]
+
+
+def test_bad_export_input_is_named(tmp_path):
+    import pytest
+
+    from guidedecode.deltas import DeltaError
+
+    g = torch.Generator().manual_seed(1)
+    edit = {"model.layers.0.self_attn.q_proj": LowRankDelta(torch.randn(3, 64, generator=g),
+                                                            torch.randn(64, 3, generator=g))}
+    (tmp_path / "afile").write_text("x")
+    for options, message in (({"rank": "4"}, "rank must be an integer"), ({"rank": 2.5}, "rank must be an integer"),
+                             ({"rank": 2, "niter": -1}, "niter must be >= 0"),
+                             ({"rank": 2, "directory": tmp_path / "afile"}, "is a file, not a directory")):
+        with pytest.raises(DeltaError, match=message):
+            export_lora(edit, options.pop("directory", tmp_path / "out"), **options)
+    with pytest.raises(DeltaError, match="needs a mapping"):
+        export_lora([edit], tmp_path / "out", 2)
+    nan = {"model.layers.0.self_attn.q_proj": LowRankDelta(torch.full((3, 64), float("nan")), torch.ones(64, 3))}
+    with pytest.raises(DeltaError, match="'model.layers.0.self_attn.q_proj'.*non-finite"):
+        export_lora(nan, tmp_path / "out", 2)
+    assert not (tmp_path / "out").exists()

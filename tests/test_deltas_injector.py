@@ -178,3 +178,29 @@ def test_bad_input_is_named():
     injector = DeltaInjector(model, {name: [torch.zeros(32, 64)] * 3})
     with injector, pytest.raises(DeltaError, match="multiple"):
         model(input_ids=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_bad_delta_scale_factors_layers_backend_and_window_are_named():
+    model = tiny_model("llama", seed=0)
+    A, B = torch.zeros(2, 64), torch.zeros(64, 2)
+    with pytest.raises(DeltaError, match="scale must be a finite number"):
+        LowRankDelta(A, B, float("nan"))
+    with pytest.raises(DeltaError, match="scale must be a number"):
+        LowRankDelta(A, B, "x")
+    with pytest.raises(DeltaError, match="scale must be finite"):
+        LowRankDelta(A, B, torch.tensor(float("inf")))
+    with pytest.raises(DeltaError, match="A of a low-rank delta must be a torch.Tensor, got list"):
+        LowRankDelta([[0.0] * 64] * 2, B)
+    with pytest.raises(DeltaError, match="layer index must be an integer"):
+        find_targets(model, "q_proj", layers=["0"])
+    with pytest.raises(DeltaError, match="layers must be a list"):
+        find_targets(model, "q_proj", layers=0)
+    with pytest.raises(DeltaError, match="unknown backend 'bogus'"):
+        DeltaInjector(model, backend="bogus")
+    injector = DeltaInjector(model)
+    with pytest.raises(DeltaError, match="stop must be > start"):
+        with injector.window(2, 1):
+            pass
+    with pytest.raises(DeltaError, match="window start must be an integer"):
+        with injector.window(0.5, 1):
+            pass

@@ -173,3 +173,38 @@ def test_edit_sequence_has_one_bos_and_matches_the_rendered_chat():
     # no BOS beyond the ones the template writes (SmolLM2's BOS is its turn marker <|im_start|>: one per turn, system included)
     assert ids.count(tokenizer.bos_token_id) == rendered.count(tokenizer.bos_token) == 4
     assert ids[0] == tokenizer.bos_token_id
+
+
+def test_bad_options_feedback_and_damaged_files_are_named(tmp_path):
+    model = tiny_model("llama", seed=4)
+    for options, message in (({"dropout": 1.5}, "dropout must be <= 1"), ({"eta_init": "x"}, "eta_init must be a number"),
+                             ({"eta_init": float("nan")}, "eta_init must be a finite"),
+                             ({"eta_init": float("inf")}, "eta_init must be a finite"),
+                             ({"eta_init": 0.0}, "eta_init must be > 0"), ({"rank": 2.5}, "rank must be an integer"),
+                             ({"feedback": " "}, "feedback must not be empty"), ({"bogus": 1}, "bogus")):
+        with pytest.raises(DeltaError, match=message):
+            OpTuneEditor.for_model(model, **options)
+    editor = OpTuneEditor.for_model(model)
+
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, **kw):
+            return messages[-1]["content"]
+
+        def __call__(self, text, **kw):
+            return {"input_ids": list(text.encode())}
+
+    assert editor.edit_sequence(Tok(), "q", "a") == list(editor.config.feedback.encode())
+    with pytest.raises(DeltaError, match="feedback must not be empty"):
+        editor.edit_sequence(Tok(), "q", "a", "")
+    editor.save_pretrained(tmp_path / "ed")
+    weights = tmp_path / "ed" / "optune.safetensors"
+    weights.write_bytes(b"xx")
+    with pytest.raises(DeltaError, match="optune.safetensors is not a readable safetensors file"):
+        OpTuneEditor.from_pretrained(tmp_path / "ed")
+    with torch.no_grad():
+        next(iter(editor.etas.values())).fill_(float("nan"))
+    editor.save_pretrained(tmp_path / "ed")
+    with pytest.raises(DeltaError, match="optune.safetensors holds non-finite values"):
+        OpTuneEditor.from_pretrained(tmp_path / "ed")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from guidedecode import validation
 from guidedecode.deltas.injector import DeltaError, LowRankDelta, as_delta
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -25,10 +26,12 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 
 def compress(delta: LowRankDelta, rank: int, *, niter: int = 4, seed: int = 0) -> LowRankDelta:
     """The rank-``rank`` truncated SVD of ``delta`` as a LowRankDelta with scale 1 (fp32)."""
-    if rank < 1:
-        raise DeltaError(f"rank must be >= 1, got {rank}")
+    rank = validation.positive_int("rank", rank, error=DeltaError)
+    niter = validation.integer("niter", niter, minimum=0, error=DeltaError)
     A, B = delta.A.detach().float(), delta.B.detach().float()
     scale = float(delta.scale) if not torch.is_tensor(delta.scale) else float(delta.scale.detach())
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise DeltaError("the delta holds non-finite values (NaN or inf)")
     q_b, r_b = torch.linalg.qr(B)  # [d_out, T], [T, T]
     q_a, r_a = torch.linalg.qr(A.T)  # [d_in, T], [T, T]
     core = scale * (r_b @ r_a.T)  # ΔW = Q_B core Q_A^T
@@ -60,11 +63,19 @@ def export_lora(deltas: Mapping[str, object], directory: str | os.PathLike, rank
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    if not isinstance(deltas, Mapping):
+        raise DeltaError(f"export_lora needs a mapping {{target module name: delta}} (one edit), "
+                         f"got {type(deltas).__name__}")
     if not deltas:
         raise DeltaError("export_lora got no deltas")
+    rank = validation.positive_int("rank", rank, error=DeltaError)
+    niter = validation.integer("niter", niter, minimum=0, error=DeltaError)
     tensors, pairs = {}, set()
     for name, value in deltas.items():
-        delta = compress(as_delta(value), rank, niter=niter)
+        try:
+            delta = compress(as_delta(value), rank, niter=niter)
+        except DeltaError as exc:
+            raise DeltaError(f"delta {name!r}: {exc}") from None
         pad = rank - delta.rank
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.nn.functional.pad(delta.A, (0, 0, 0, pad)).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.nn.functional.pad(delta.B, (0, pad)).contiguous()
@@ -79,8 +90,7 @@ def export_lora(deltas: Mapping[str, object], directory: str | os.PathLike, rank
     else:
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                             target_modules=sorted(deltas), base_model_name_or_path=base_model_name_or_path)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = validation.output_dir("directory", directory, error=DeltaError)
     config.save_pretrained(str(directory))
     tmp = directory / "adapter_model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

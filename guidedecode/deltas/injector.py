@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from guidedecode import validation
 from guidedecode.errors import GuidedecodeError
 from guidedecode.kernels.lowrank import lowrank_update
 
@@ -54,11 +55,20 @@ class LowRankDelta:
     scale: float | torch.Tensor = 1.0
 
     def __post_init__(self):
+        for side in ("A", "B"):
+            if not torch.is_tensor(getattr(self, side)):
+                raise DeltaError(f"{side} of a low-rank delta must be a torch.Tensor, got "
+                                 f"{type(getattr(self, side)).__name__}")
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
             raise DeltaError(f"a low-rank delta needs A [r, d_in] and B [d_out, r] with the same r, "
                              f"got A {tuple(self.A.shape)} and B {tuple(self.B.shape)}")
         if isinstance(self.scale, torch.Tensor) and self.scale.numel() != 1:
             raise DeltaError(f"scale must be a number or a one-element tensor, got shape {tuple(self.scale.shape)}")
+        if isinstance(self.scale, torch.Tensor):
+            if not torch.isfinite(self.scale.detach()).all():
+                raise DeltaError(f"scale must be finite, got {self.scale.detach().item()}")
+        else:
+            validation.number("scale", self.scale, error=DeltaError)
 
     @property
     def rank(self) -> int:
@@ -117,7 +127,10 @@ def find_targets(model: nn.Module, modules: str | Sequence[str] = ("q_proj", "v_
     wanted = None
     if layers is not None:
         wanted = set()
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise DeltaError(f"layers must be a list of decoder-layer indices, got {layers!r}")
         for i in layers:
+            i = validation.integer("layer index", i, error=DeltaError)
             j = i + num_layers if i < 0 else i
             if not 0 <= j < num_layers:
                 raise DeltaError(f"layer index {i} is out of range: the model has {num_layers} decoder layers")
@@ -157,7 +170,8 @@ class DeltaInjector:
 
     def __init__(self, model: nn.Module, deltas: Mapping | None = None, *, backend: str | None = None):
         self.model = model
-        self.backend = backend
+        self.backend = validation.optional(validation.choice, "backend", backend, choices=("auto", "triton", "torch"),
+                                           error=DeltaError)
         self._linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._packed: dict[str, _Packed] = {}
         self._rows: int | None = None
@@ -265,6 +279,10 @@ class DeltaInjector:
     @contextlib.contextmanager
     def window(self, start: int, stop: int):
         """Within the block, the model's batch holds request rows ``start:stop`` of the per-row deltas."""
+        start = validation.integer("window start", start, minimum=0, error=DeltaError)
+        stop = validation.integer("window stop", stop, error=DeltaError)
+        if stop <= start:
+            raise DeltaError(f"row window {start}:{stop} is empty: stop must be > start")
         if self._rows is not None and not 0 <= start < stop <= self._rows:
             raise DeltaError(f"row window {start}:{stop} is outside the {self._rows} request rows of the deltas")
         saved, self._window = self._window, (start, stop)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from guidedecode import validation
 from guidedecode.deltas.injector import DeltaError, LowRankDelta, find_targets
 
 CONFIG_NAME = "optune_config.json"
@@ -54,6 +55,12 @@ class OpTuneConfig:
     # filled in by OpTuneEditor.for_model: the model the editor is made for
     targets: dict[str, list[int]] = field(default_factory=dict)  # name -> [d_out, d_in]
     model_type: str | None = None
+
+    def __post_init__(self):
+        validation.positive_int("rank", self.rank, error=DeltaError)
+        self.dropout = validation.number("dropout", self.dropout, minimum=0, maximum=1, error=DeltaError)
+        self.eta_init = validation.number("eta_init", self.eta_init, above=0, error=DeltaError)
+        validation.string("feedback", self.feedback, error=DeltaError)
 
 
 class RunningStats(nn.Module):
@@ -171,7 +178,12 @@ class OpTuneEditor(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, config: OpTuneConfig | None = None, **options) -> "OpTuneEditor":
         """An editor for ``model``'s ``config.modules`` in ``config.layers`` (default: q/v of the last two layers)."""
-        config = config or OpTuneConfig(**options)
+        if config is None:
+            try:
+                config = OpTuneConfig(**options)
+            except TypeError as exc:  # an unknown keyword
+                known = ", ".join(f for f in OpTuneConfig.__dataclass_fields__ if f not in ("targets", "model_type"))
+                raise DeltaError(f"OpTuneEditor.for_model: {exc}; options: {known}") from None
         modules = dict(model.named_modules())
         names = find_targets(model, config.modules, config.layers)
         config.targets = {n: [modules[n].out_features, modules[n].in_features] for n in names}
@@ -211,6 +223,7 @@ class OpTuneEditor(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None) -> "OpTuneEditor":
         """Load an editor; with ``model``, check that it was made for that model's layer names and shapes."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -219,13 +232,20 @@ class OpTuneEditor(nn.Module):
                 raise DeltaError(f"{directory} is not a saved OpTune editor (no {name})")
         try:
             config = OpTuneConfig(**json.loads((directory / CONFIG_NAME).read_text()))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, DeltaError) as exc:
             raise DeltaError(f"{directory / CONFIG_NAME} is not an OpTune configuration: {exc}") from None
         editor = cls(config)
         try:
-            editor.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except (SafetensorError, OSError) as exc:
+            raise DeltaError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
+        try:
+            editor.load_state_dict(state)
         except RuntimeError as exc:
             raise DeltaError(f"{directory / WEIGHTS_NAME} does not match its configuration: {exc}") from None
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise DeltaError(f"{directory / WEIGHTS_NAME} holds non-finite values (NaN or inf) in {', '.join(bad[:3])}")
         if model is not None:
             editor.check_model(model)
         return editor.eval()
@@ -237,9 +257,11 @@ class OpTuneEditor(nn.Module):
         The chat template renders the whole conversation once and the text is tokenised without adding
         special tokens, so a BOS appears only where the template puts it (at the start), never mid-sequence.
         """
+        feedback = self.config.feedback if feedback is None else validation.string("feedback", feedback,
+                                                                                      error=DeltaError)
         messages = [{"role": "user", "content": question}] if isinstance(question, str) else list(question)
         messages = messages + [{"role": "assistant", "content": attempt},
-                               {"role": "user", "content": feedback or self.config.feedback}]
+                               {"role": "user", "content": feedback}]
         if not getattr(tokenizer, "chat_template", None):
             raise DeltaError("OpTune builds the edit sequence with the tokenizer's chat template; this one has none")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
