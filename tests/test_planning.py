@@ -600,3 +600,37 @@ def test_guide_changes_nothing_the_grammar_allows(seed, rules):
         if finite[raw[0].argmax()]:
             assert out[0].argmax() == raw[0].argmax()
         ids = torch.cat([ids, out.argmax(-1, keepdim=True)], dim=1)
+
+
+def test_bad_vocab_and_guide_options_are_named(base_tokenizer):
+    tokenizer = copy.deepcopy(base_tokenizer)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    for types, options, message in (
+            (["memory"], {"noise": float("nan")}, "noise must be a finite number"),
+            (["memory"], {"noise": -1.0}, "noise must be >= 0"),
+            ("memory", {}, "types must be a list of step-type names"),
+            (None, {}, "types must be a list of step-type names"),
+            (["memory"], {"init_text": {"memory": 5}}, r"init_text\['memory'\] must be a string"),
+            (["memory"], {"init_text": "memory"}, "init_text must be a mapping"),
+            (["memory"], {"n_prefix": 10**5}, "n_prefix must be <= 1000"),
+            (["memory"], {"n_special": True}, "n_special must be an integer")):
+        with pytest.raises(PlanningTokenError, match=message):
+            add_planning_tokens(model, tokenizer, types, **options)
+    assert len(tokenizer) == len(base_tokenizer) and not torch.isnan(model.get_input_embeddings().weight).any()
+    with pytest.raises(PlanningTokenError, match="base_vocab_size must be an integer"):
+        PlanningVocab(("memory",), 1, 1, "x")
+    with pytest.raises(PlanningTokenError, match="base_vocab_size must be >= 0"):
+        PlanningVocab(("memory",), 1, 1, -5)
+    with pytest.raises(PlanningTokenError, match="types must be a list"):
+        PlanningVocab("memory", 1, 1, 10)
+    for options, message in (({"max_steps": float("nan")}, "max_steps must be an integer"),
+                             ({"max_steps": 2.5}, "max_steps must be an integer"),
+                             ({"max_steps": "3"}, "max_steps must be an integer"),
+                             ({"before": [("memory",)]}, r"before must be a list of \(earlier type, later type\) pairs"),
+                             ({"before": "memory"}, "before must be a list"),
+                             ({"ban_types": "memory"}, "ban_types must be a list of type names"),
+                             ({"multi_type": 7}, "multi_type must be True/False")):
+        with pytest.raises(GuideError, match=message):
+            PlanningTokenGuide(VOCAB, **options)
+    assert PlanningTokenGuide(VOCAB, max_steps=2, multi_type=1, before=[["memory", "reason"]]).before == (
+        ("memory", "reason"),)

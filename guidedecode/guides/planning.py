@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from guidedecode import validation
 from guidedecode.errors import GuideError
 from guidedecode.guides.base import TokenGuide
 from guidedecode.planning.vocab import ANSWER, PREFIX, PlanningVocab
@@ -67,8 +68,20 @@ class PlanningTokenGuide(TokenGuide):
             vocab.check_tokenizer(tokenizer)
         self.vocab = vocab
         steerable = [k for k in vocab.type_keys if k != ANSWER]
+        for flag, value in (("complete_blocks", complete_blocks), ("memory_before_reason", memory_before_reason),
+                            ("multi_type", multi_type)):
+            if value not in (True, False):  # also admits 0 and 1
+                raise GuideError(f"{flag} must be True/False (or 1/0), got {value!r}")
+        for option, value in (("ban_types", ban_types), ("before", before)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise GuideError(f"{option} must be a list{' of type names' if option == 'ban_types' else ''}, "
+                                 f"got {value!r}")
         ban_types = tuple(ban_types)
-        before = list(before) + ([("memory", "reason")] if memory_before_reason else [])
+        before = list(before)
+        for pair in before:
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise GuideError(f"before must be a list of (earlier type, later type) pairs, got {pair!r}")
+        before = [tuple(pair) for pair in before] + ([("memory", "reason")] if memory_before_reason else [])
         named = ([force_type] if force_type else []) + list(ban_types) + [t for pair in before for t in pair]
         if named and not vocab.n_special:
             raise GuideError("type steering needs type blocks, but this vocabulary has n_special = 0")
@@ -77,8 +90,7 @@ class PlanningTokenGuide(TokenGuide):
                 raise GuideError("the answer block cannot be forced, banned or ordered (it ends every generation)")
             if name not in steerable:
                 raise GuideError(f"unknown step type {name!r}; this planner's types: {', '.join(steerable)}")
-        if max_steps is not None and max_steps < 0:
-            raise GuideError(f"max_steps must be >= 0, got {max_steps}")
+        max_steps = validation.optional(validation.integer, "max_steps", max_steps, minimum=0, error=GuideError)
         self.complete_blocks = bool(complete_blocks)
         self.force_type, self.ban_types, self.before = force_type, ban_types, tuple(before)
         self.max_steps, self.multi_type = max_steps, bool(multi_type)

@@ -23,18 +23,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from guidedecode import validation
 from guidedecode.errors import GuidedecodeError
 
 REGISTRY_FILE = "planning_tokens.json"
 PREFIX, ANSWER, ASSIGNMENT = "prefix", "answer", "assignment"
 RESERVED = (PREFIX, ANSWER, ASSIGNMENT)
 _NAME = re.compile(r"^[a-z][a-z0-9]*$")
+MAX_BLOCK = 1000  # the most tokens per block (n_prefix, n_special)
 
 # Words whose sub-token embeddings initialise each key's rows (configurable per key).
 DEFAULT_INIT_TEXT = {
@@ -71,6 +73,7 @@ class PlanningVocab:
 
     def __post_init__(self):
         validate_settings(self.types, self.n_prefix, self.n_special)
+        validation.integer("base_vocab_size", self.base_vocab_size, minimum=0, error=PlanningTokenError)
 
     # -- keys and strings -------------------------------------------------------------------
     @property
@@ -146,9 +149,9 @@ class PlanningVocab:
             raise PlanningTokenError(f"{path} not found: not a planner directory (guidedecode train planner)")
         try:
             data = json.loads(path.read_text())
-            vocab = cls(tuple(data["types"]), int(data["n_prefix"]), int(data["n_special"]),
+            vocab = cls(type_names(data["types"]), int(data["n_prefix"]), int(data["n_special"]),
                         int(data["base_vocab_size"]), dict(data.get("init_text") or {}))
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, PlanningTokenError) as error:
             raise PlanningTokenError(f"{path} is not a valid planning-token registry ({error})") from error
         recorded = data.get("tokens")
         if recorded is not None and recorded != vocab.to_dict()["tokens"]:
@@ -156,12 +159,18 @@ class PlanningVocab:
         return vocab
 
 
+def type_names(types) -> tuple[str, ...]:
+    """``types`` as a tuple; a PlanningTokenError unless it is a list of names (a bare string is refused)."""
+    if isinstance(types, (str, bytes)) or not isinstance(types, Iterable):
+        raise PlanningTokenError(f"types must be a list of step-type names, e.g. ['memory', 'reason'], got {types!r}")
+    return tuple(types)
+
+
 def validate_settings(types: Sequence[str], n_prefix: int, n_special: int) -> None:
     """Raise a PlanningTokenError naming the bad setting."""
-    if not isinstance(n_prefix, int) or n_prefix < 0:
-        raise PlanningTokenError(f"n_prefix must be an integer >= 0, got {n_prefix!r}")
-    if not isinstance(n_special, int) or n_special < 0:
-        raise PlanningTokenError(f"n_special must be an integer >= 0, got {n_special!r}")
+    types = type_names(types)
+    for name, value in (("n_prefix", n_prefix), ("n_special", n_special)):
+        validation.integer(name, value, minimum=0, maximum=MAX_BLOCK, error=PlanningTokenError)
     if n_prefix == 0 and n_special == 0:
         raise PlanningTokenError("n_prefix and n_special are both 0: there would be no planning tokens")
     for name in types:
@@ -196,9 +205,14 @@ def add_planning_tokens(model, tokenizer, types: Sequence[str], *, n_prefix: int
     noise. A tied model stays tied. Raises :class:`PlanningTokenError` for bad settings or token
     strings that the tokenizer already knows.
     """
+    if init_text is not None and not isinstance(init_text, Mapping):
+        raise PlanningTokenError(f"init_text must be a mapping {{key: words}}, got {type(init_text).__name__}")
     init_text = dict(init_text or {})
-    types = tuple(types)
+    for key, words in init_text.items():
+        validation.string(f"init_text[{key!r}]", words, error=PlanningTokenError)
+    types = type_names(types)
     validate_settings(types, n_prefix, n_special)
+    noise = validation.number("noise", noise, minimum=0, error=PlanningTokenError)
     before = len(tokenizer)
     vocab = PlanningVocab(types, n_prefix, n_special, before, init_text)
     strings = vocab.all_strings()
