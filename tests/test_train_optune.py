@@ -88,3 +88,13 @@ def test_killed_run_resumes_bit_identical(tiny_dir, tmp_path):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     with pytest.raises(TrainingError, match="other settings"):
         run(_config(tiny_dir, lr=1e-3), tmp_path / "killed", progress=False)
+
+
+def test_layers_that_match_nothing_fail_before_the_attempts(tiny_dir, tmp_path):
+    """The editor is built before the attempts stage: a bad --layers costs no sampling and locks nothing."""
+    from guidedecode.errors import GuidedecodeError
+
+    with pytest.raises(GuidedecodeError, match="layer index 99 is out of range"):
+        run(_config(tiny_dir, layers=[99]), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "attempts.jsonl").exists()
+    run(_config(tiny_dir, epochs=1, questions=2), tmp_path / "run", progress=False)  # corrected: not refused

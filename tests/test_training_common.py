@@ -147,10 +147,12 @@ def test_collect_resumable_skips_done_chunks(tmp_path):
 def test_check_settings_and_split_dev(tmp_path):
     path = tmp_path / "settings.json"
     check_settings(path, {"a": 1, "b": 2})
-    check_settings(path, {"a": 1, "b": 3}, may_change=("b",))
+    check_settings(path, {"a": 5, "b": 2})  # nothing written beside it yet (a run stopped by a bad input): replaced
+    (tmp_path / "records.jsonl").write_text("{}\n")  # the run has output now: it resumes only as itself
+    check_settings(path, {"a": 5, "b": 3}, may_change=("b",))
     with pytest.raises(TrainingError, match=r"other settings \(a\)"):
         check_settings(path, {"a": 2, "b": 3})
-    assert json.loads(path.read_text()) == {"a": 1, "b": 3}
+    assert json.loads(path.read_text()) == {"a": 5, "b": 3}
     train, dev = split_dev(range(10), 0.1, seed=3)
     assert len(dev) == 1 and sorted(train + dev) == list(range(10))
     assert split_dev(range(10), 0.1, seed=3) == (train, dev)
@@ -264,6 +266,7 @@ def test_runs_recorded_before_the_backend_setting_resume_as_hf(tmp_path):
     from guidedecode.training.common import check_settings
 
     path = tmp_path / "config.json"
+    (tmp_path / "attempts.jsonl").write_text("{}\n")  # the old run's output
     path.write_text(json.dumps({"model": "m", "seed": 0}))  # written before "backend" existed
     check_settings(path, {"model": "m", "seed": 0, "backend": "hf"})
     path.write_text(json.dumps({"model": "m", "seed": 0}))
@@ -311,3 +314,52 @@ def test_stages_that_generate_nothing_need_no_vllm(tmp_path, monkeypatch):
     config = PipelineConfig(out=tmp_path, data=tmp_path / "x.jsonl", model="m", backend="vllm")
     with pytest.raises(TrainingError, match="run the 'filter' stage first"):  # got past the backend check
         run_pipeline(config, ("sft",), loader=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("trainer, bad, needle", [
+    ("optune", {"eta_init": float("nan")}, "eta_init"),
+    ("optune", {"lr": float("inf")}, "lr"),
+    ("optune", {"include_correct": True, "positive_feedback": ""}, "positive_feedback"),
+    ("optune", {"modules": []}, "modules"),
+    ("optune", {"modules": [""]}, "modules"),
+    ("optune", {"layers": []}, "layers"),
+    ("optune", {"layers": ["0"]}, "layers"),
+    ("optune", {"temperature": float("nan")}, "temperature"),
+    ("optune", {"top_p": 0}, "top_p"),
+    ("optune", {"dropout": 1.5}, "dropout"),
+    ("dots", {"lora_r": 0}, "lora_r"),
+    ("dots", {"lr": -1.0}, "lr"),
+    ("dots", {"dev_fraction": 1.5}, "dev_fraction"),
+    ("dots", {"grad_accum": 0}, "grad_accum"),
+    ("dots", {"search": {"rounds": 2}}, "SearchConfig"),
+    ("planner", {"k": -3}, "k"),
+])
+def test_trainer_settings_are_checked_before_anything_runs(trainer, bad, needle):
+    """Checked in validate(), before a model loads or a stage writes (they used to fail hours later)."""
+    from guidedecode.training.dots import DotsPlannerConfig
+    from guidedecode.training.optune import OpTuneTrainConfig
+    from guidedecode.training.planner import PlannerConfig
+
+    config = {"optune": OpTuneTrainConfig, "dots": DotsPlannerConfig, "planner": PlannerConfig}[trainer](**bad)
+    with pytest.raises(TrainingError, match=needle):
+        config.validate()
+
+
+def test_output_directories_that_are_files_are_refused(tmp_path):
+    from guidedecode.training.common import atomic_dir
+
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(TrainingError, match="is a file"):
+        atomic_dir(a_file, lambda staging: None)
+    with pytest.raises(TrainingError, match="is a file"):
+        atomic_dir(a_file / "sub", lambda staging: None)
+
+
+def test_build_sft_names_bad_records():
+    from guidedecode.training.dots import build_sft
+
+    with pytest.raises(TrainingError, match="lacks"):
+        build_sft([{"id": "q1", "question": "?"}])
+    with pytest.raises(TrainingError, match="upsample"):
+        build_sft([], upsample=0)

@@ -160,3 +160,12 @@ def test_eval_harness_runs_optune_and_fttt_from_the_registry(setup, tmp_path):
         assert summary["verifier"] == "oracle"
         records = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
         assert len(records) == 2 and all(len(r["trials"]) == 1 for r in records)
+
+
+@pytest.mark.parametrize("bad, needle", [({"lr": float("nan")}, "lr"), ({"lr": float("inf")}, "lr"),
+                                         ({"alpha": 0}, "alpha"), ({"rank": 2.5}, "rank"), ({"lr": "1e-5"}, "lr")])
+def test_fttt_settings_are_finite_and_positive(bad, needle):
+    from guidedecode.errors import StrategyError
+
+    with pytest.raises(StrategyError, match=needle):
+        FTTT(2, **bad)

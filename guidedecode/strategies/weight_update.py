@@ -41,6 +41,7 @@ import torch
 from guidedecode.backends.hf import left_pad
 from guidedecode.deltas.injector import DeltaInjector, LowRankDelta, find_targets
 from guidedecode.deltas.optune import INCORRECT, OpTuneEditor
+from guidedecode import validation
 from guidedecode.errors import StrategyError
 from guidedecode.strategies.base import StepStrategy
 from guidedecode.strategies.budget import AttemptLog, check_budget, oracle_golds
@@ -216,8 +217,10 @@ class FTTT(WeightUpdateStrategy):
                  modules=("q_proj", "v_proj"), layers=None, lr: float = 1e-5, reflection_weight: float = 1.0,
                  reflection_tokens: int = 256, **options):
         super().__init__(k, **options)
-        if rank < 1 or lr <= 0 or alpha <= 0:
-            raise StrategyError(f"FTTT needs rank >= 1, alpha > 0 and lr > 0, got {rank}, {alpha}, {lr}")
+        rank = validation.positive_int("rank", rank, error=StrategyError)
+        for name, value in (("lr", lr), ("alpha", alpha)):
+            if validation.number(name, value, error=StrategyError) <= 0:
+                raise StrategyError(f"FTTT needs {name} > 0, got {value}")
         self.reflection, self.rank, self.alpha, self.lr = bool(reflection), int(rank), float(alpha), float(lr)
         self.modules, self.layers = modules, layers
         self.reflection_weight, self.reflection_tokens = float(reflection_weight), int(reflection_tokens)

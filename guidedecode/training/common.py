@@ -93,6 +93,10 @@ def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call ``write(staging)`` on a fresh sibling directory, fsync it, then rename it to ``target``
     (replacing an old one), so ``target`` is always either the old or the complete new directory."""
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise TrainingError(f"{target} is a file, not a directory: give a directory path")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise TrainingError(f"{target.parent} is a file, not a directory: give a directory path")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -116,11 +120,16 @@ ADDED_SETTINGS = {"backend": "hf"}
 """Settings added after runs existed, with the value those runs used: a run recorded without one resumes."""
 
 
+def _holds_output(settings_file: Path) -> bool:
+    return any(p != settings_file for p in settings_file.parent.iterdir())
+
+
 def check_settings(path: str | os.PathLike, settings: dict, *, may_change: Sequence[str] = ()) -> None:
     """Write ``settings`` to the JSON file ``path``; if it already holds settings that differ in a key
-    not in ``may_change``, raise a TrainingError naming the keys (a run resumes only as itself)."""
+    not in ``may_change``, raise a TrainingError naming the keys (a run resumes only as itself). Settings
+    alone in their directory (a run stopped by a bad input before it wrote anything) are replaced."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and _holds_output(path):  # only the settings of a run that stopped before any output: new ones
         try:
             recorded = json.loads(path.read_text())
         except ValueError as error:

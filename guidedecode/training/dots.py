@@ -31,6 +31,7 @@ from typing import Any
 from guidedecode.dots.actions import parse_trajectory
 from guidedecode.dots.planner import explanation_prompt, plan_text, planner_prompt
 from guidedecode.dots.search import PRESETS, SearchConfig, search
+from guidedecode import validation as v
 from guidedecode.errors import TrainingError
 from guidedecode.records import read_jsonl, write_json
 from guidedecode.training.common import check_collection_backend
@@ -79,10 +80,19 @@ class DotsPlannerConfig:
             raise TrainingError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.target not in TARGETS:
             raise TrainingError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if self.questions is not None and self.questions < 1:
-            raise TrainingError(f"questions must be >= 1, got {self.questions}")
-        if self.upsample < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise TrainingError("upsample, epochs and batch size must be >= 1")
+        error = TrainingError
+        v.optional(v.positive_int, "questions", self.questions, error=error)
+        for name in ("upsample", "epochs", "batch_size", "grad_accum", "lora_r", "max_length", "batch_size_generate",
+                     "explain_max_new_tokens"):
+            v.positive_int(name, getattr(self, name), error=error)
+        v.integer("seed", self.seed, minimum=0, error=error)
+        v.integer("save_every", self.save_every, minimum=0, error=error)
+        if v.number("lr", self.lr, error=error) <= 0:
+            raise error(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= v.number("dev_fraction", self.dev_fraction, error=error) < 1:
+            raise error(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
+        if not isinstance(self.search, SearchConfig):
+            raise error(f"search must be a SearchConfig (guidedecode.dots.search), got {type(self.search).__name__}")
         self.search.validate()
 
     def settings(self, stage: str) -> dict:
@@ -120,8 +130,13 @@ def build_sft(kept: list[dict], *, format: str = "external", target: str = "firs
     trajectory. A question without a successful run's text is skipped in ``internal`` format."""
     if format not in FORMATS or target not in TARGETS:
         raise TrainingError(f"format must be one of {FORMATS} and target one of {TARGETS}")
+    v.positive_int("upsample", upsample, error=TrainingError)
+    needed = ("id", "question", "best", "explanation")
     records = []
     for item in kept:
+        missing = [key for key in needed if key not in item]
+        if missing:
+            raise TrainingError(f"kept question {item.get('id', '?')!r} lacks {missing}: each needs {list(needed)}")
         solution = None
         if format == "internal":
             if target == "first_turn":
@@ -173,8 +188,7 @@ def run_dots_pipeline(config: DotsPlannerConfig, out: str | Path, *, stages=STAG
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TrainingError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = v.output_dir("--out", out, error=TrainingError)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cache: dict[str, Any] = dict(models or {})

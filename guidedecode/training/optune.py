@@ -36,6 +36,7 @@ from torch import nn
 from guidedecode.backends.hf import left_pad
 from guidedecode.deltas.injector import DeltaInjector
 from guidedecode.deltas.optune import INCORRECT, Captured, OpTuneConfig, OpTuneEditor, _key
+from guidedecode import validation as v
 from guidedecode.errors import TrainingError
 from guidedecode.training.common import (FitConfig, check_collection_backend, check_ready_backend, check_settings,
                                          collect_resumable, collection_backend, describe_backend, fit, split_dev)
@@ -77,16 +78,30 @@ class OpTuneTrainConfig:
     backend: str = "hf"  # where the attempts are sampled: "hf" or "vllm" (a vLLM engine of ``model``)
 
     def validate(self) -> None:
+        error = TrainingError
         check_collection_backend(self.backend)
-        for name in ("attempts", "epochs", "batch_size", "grad_accum", "max_new_tokens", "max_length", "rank"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.questions is not None and self.questions < 1:
-            raise TrainingError(f"questions must be >= 1, got {self.questions}")
-        if not 0 <= self.dev_fraction < 1:
-            raise TrainingError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
-        if not (self.lr > 0):
-            raise TrainingError(f"lr must be > 0, got {self.lr}")
+        for name in ("attempts", "epochs", "batch_size", "grad_accum", "max_new_tokens", "max_length", "rank",
+                     "generate_batch"):
+            v.positive_int(name, getattr(self, name), error=error)
+        v.optional(v.positive_int, "questions", self.questions, error=error)
+        v.integer("seed", self.seed, minimum=0, error=error)
+        v.integer("save_every", self.save_every, minimum=0, error=error)
+        v.temperature("temperature", self.temperature, error=error)
+        v.probability("top_p", self.top_p, error=error)
+        for name in ("lr", "eta_init"):
+            if v.number(name, getattr(self, name), error=error) <= 0:
+                raise error(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name, value in (("dev_fraction", self.dev_fraction), ("dropout", self.dropout), ("warmup", self.warmup)):
+            if not 0 <= v.number(name, value, error=error) < 1:
+                raise error(f"{name} must be in [0, 1), got {value}")
+        for name in ("feedback", "positive_feedback"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise error(f"{name} must be a non-empty text (the user turn appended after an attempt), got {value!r}")
+        if not self.modules or not all(isinstance(m, str) and m.strip() for m in self.modules):
+            raise error(f"modules must be a non-empty list of linear-layer name patterns, got {self.modules!r}")
+        if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise error(f"layers must be a non-empty list of decoder-layer indices, got {self.layers!r}")
 
 
 def gold_solution(problem) -> str:
@@ -200,7 +215,7 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
     from guidedecode.tasks import get_task
 
     config.validate()
-    out = Path(out)
+    out = v.output_dir("--out", out, error=TrainingError)
     check_settings(out / "config.json", asdict(config), may_change=("save_every", "generate_batch", "device"))
     model, tokenizer = load_model(config.model, device=config.device)
     model.eval()
@@ -208,6 +223,15 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
     problems = task.load(config.data, split="train", limit=config.questions)
     if not problems:
         raise TrainingError("no training questions")
+
+    # the editor first: modules / layers that match nothing fail here, before hours of attempts; its random
+    # initialisation comes from the run's seed (the same whether or not this call samples the attempts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        editor = OpTuneEditor.for_model(model, OpTuneConfig(modules=list(config.modules), layers=list(config.layers),
+                                                            rank=config.rank, dropout=config.dropout,
+                                                            eta_init=config.eta_init, feedback=config.feedback))
+    editor.to(next(model.parameters()).device)
 
     # ---- attempts
     check_ready_backend(config.backend, backend, config.model)
@@ -236,10 +260,6 @@ def run(config: OpTuneTrainConfig, out: str | os.PathLike, *, progress: bool = T
                                 progress=progress, desc="attempts")
 
     # ---- examples, split by question
-    editor = OpTuneEditor.for_model(model, OpTuneConfig(modules=list(config.modules), layers=list(config.layers),
-                                                        rank=config.rank, dropout=config.dropout,
-                                                        eta_init=config.eta_init, feedback=config.feedback))
-    editor.to(next(model.parameters()).device)
     train_ids, dev_ids = split_dev([p.id for p in problems], config.dev_fraction, config.seed)
     pairs = list(zip(problems, records))
     train = build_examples(editor, tokenizer, task, *_unzip([x for x in pairs if x[0].id in set(train_ids)]), config)

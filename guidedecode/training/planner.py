@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from guidedecode import validation as v
 from guidedecode.errors import TrainingError
 from guidedecode.planning import (
     PlanningTokenError,
@@ -81,6 +82,7 @@ class PlannerConfig:
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
             raise TrainingError(f"unknown scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        v.integer("k", self.k, minimum=1, error=TrainingError)  # >= 2 for kmeans / sqvae: their typers say so
         if self.n_prefix < 0 or self.n_special < 0:
             raise TrainingError(f"n_prefix and n_special must be >= 0, got {self.n_prefix} and {self.n_special}")
         if self.examples is not None and self.examples < 2:
@@ -152,9 +154,8 @@ def prepare_planner(config: PlannerConfig, out: str | os.PathLike, *, loader: Ca
     from guidedecode.models import load_model
 
     config.validate()
-    out = Path(out)
+    out = v.output_dir("--out", out, error=TrainingError) if write else Path(out)
     if write:
-        out.mkdir(parents=True, exist_ok=True)
         check_settings(out / "config.json", asdict(config), may_change=("save_every", "device"))
     model, tokenizer = (loader or load_model)(config.model, device=config.device)
 
