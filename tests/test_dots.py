@@ -665,3 +665,28 @@ def test_registry_passes_on_missing_plan(tokenizer):
     assert build_strategy("dots", tokenizer, {"mode": "external", "on_missing_plan": "complete"}).on_missing_plan == "complete"
     with pytest.raises(StrategyError, match="on_missing_plan"):
         build_strategy("dots", tokenizer, {"on_missing_plan": "guess"})
+
+
+def test_bad_dots_and_search_numbers_are_named():
+    from guidedecode.dots.search import SearchConfig
+
+    for options, message in (({"code_timeout": float("nan")}, "code_timeout.*finite"),
+                             ({"code_timeout": float("inf")}, "code_timeout.*finite"),
+                             ({"temperature": "0"}, "temperature must be a number"),
+                             ({"top_p": 5}, r"top_p must be in \(0, 1\]"),
+                             ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+                             ({"code_memory_mb": -1}, "code_memory_mb must be >= 1"),
+                             ({"plan_max_new_tokens": 0}, "plan_max_new_tokens must be >= 1"),
+                             ({"max_verify_rounds": 1.5}, "max_verify_rounds must be an integer")):
+        with pytest.raises(StrategyError, match=message):
+            DOTS("PoT", **options)
+    with pytest.raises(StrategyError, match="planner must be a backend.*got str"):
+        DOTS(mode="external", planner="/some/dir")
+    for options, message in (({"keep": 8}, "keep must be a tuple of counts"),
+                             ({"keep": (8, 2.5)}, "keep="),
+                             ({"rounds": "2"}, "rounds must be an integer"),
+                             ({"temperature": float("nan")}, "temperature.*finite"),
+                             ({"code_timeout": float("nan")}, "code_timeout.*finite"),
+                             ({"max_new_tokens": 0}, "max_new_tokens must be >= 1")):
+        with pytest.raises(StrategyError, match=message):
+            SearchConfig(**options).validate()

@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from guidedecode import validation
 from guidedecode.backends.base import Completion
 from guidedecode.dots.actions import ACTION_LINE_TRIGGER, ActionLibrary, Trajectory
 from guidedecode.dots.actions import decode_action_line, parse_trajectory, verify
@@ -131,12 +132,17 @@ class DOTS(StepStrategy):
             raise StrategyError("mode 'fixed' needs trajectory=...")
         if planner is not None and mode != "external":
             raise StrategyError("a planner model is used only in mode 'external'")
-        if max_verify_rounds < 1 or code_retries < 0:
-            raise StrategyError("max_verify_rounds must be >= 1 and code_retries >= 0")
-        if code_timeout <= 0:
-            raise StrategyError(f"code_timeout must be > 0 seconds, got {code_timeout}")
-        if temperature < 0:
-            raise StrategyError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if planner is not None and not all(callable(getattr(planner, m, None)) for m in ("chat_prompt", "greedy", "sample")):
+            raise StrategyError(f"planner must be a backend (e.g. HFBackend(*load_model(directory))), got "
+                                f"{type(planner).__name__} {planner!r:.80}")
+        max_verify_rounds = validation.positive_int("max_verify_rounds", max_verify_rounds, error=StrategyError)
+        code_retries = validation.integer("code_retries", code_retries, minimum=0, error=StrategyError)
+        code_timeout = validation.number("code_timeout (seconds)", code_timeout, above=0, error=StrategyError)
+        code_memory_mb = validation.positive_int("code_memory_mb", code_memory_mb, error=StrategyError)
+        temperature = validation.temperature("temperature", temperature, allow_zero=True, error=StrategyError)
+        top_p = validation.probability("top_p", top_p, error=StrategyError)
+        seed = validation.optional(validation.integer, "seed", seed, error=StrategyError)
+        plan_max_new_tokens = validation.positive_int("plan_max_new_tokens", plan_max_new_tokens, error=StrategyError)
         if on_missing_plan not in ("fallback", "error", "complete"):
             raise StrategyError(f"on_missing_plan must be 'fallback', 'error' or 'complete', got {on_missing_plan!r}")
         if on_missing_plan == "complete" and not constrain:

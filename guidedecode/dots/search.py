@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from guidedecode import validation
 from guidedecode.dots.actions import ALL_TRAJECTORIES, Trajectory, parse_trajectory
 from guidedecode.errors import StrategyError
 from guidedecode.records import append_jsonl, read_jsonl
@@ -53,12 +55,19 @@ class SearchConfig:
     code_timeout: float = 15.0
 
     def validate(self) -> None:
-        if self.rounds < 1 or self.samples < 1:
-            raise StrategyError(f"search needs rounds >= 1 and samples >= 1, got {self.rounds} and {self.samples}")
-        if len(self.keep) < self.rounds - 1 or any(n < 1 for n in self.keep):
+        validation.positive_int("rounds", self.rounds, error=StrategyError)
+        validation.positive_int("samples", self.samples, error=StrategyError)
+        if isinstance(self.keep, (str, bytes)) or not isinstance(self.keep, Sequence):
+            raise StrategyError(f"keep must be a tuple of counts, one per round but the last (e.g. (8, 3)), "
+                                f"got {self.keep!r}")
+        if len(self.keep) < self.rounds - 1 or any(
+                isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in self.keep):
             raise StrategyError(f"keep={self.keep}: give a count >= 1 for each of the first {self.rounds - 1} round(s)")
-        if self.temperature <= 0:
-            raise StrategyError(f"the search samples: temperature must be > 0, got {self.temperature}")
+        validation.temperature("temperature (the search samples)", self.temperature, error=StrategyError)
+        validation.integer("seed", self.seed, error=StrategyError)
+        validation.positive_int("max_new_tokens", self.max_new_tokens, error=StrategyError)
+        validation.positive_int("max_verify_rounds", self.max_verify_rounds, error=StrategyError)
+        validation.number("code_timeout (seconds)", self.code_timeout, above=0, error=StrategyError)
 
 
 #: ``paper``: Algorithm 1 + Appendix A; ``released``: the MurongYue/DOTS search settings (T = 0.8,
