@@ -145,7 +145,7 @@ def generate(model, prompt, guide, strategy, params, max_new_tokens, temperature
 
 @app.command(name="eval", cls=RegistryHelp)
 @click.option("--task", required=True, help="gsm8k, math500, humaneval, mbpp, strategyqa, synthetic, ...")
-@click.option("--data", default=None, help="data file or directory (default: $GUIDEDECODE_DATA, ../shared/data, "
+@click.option("--data", default=None, help="data file or directory (default: $GUIDEDECODE_DATA, ~/.cache/guidedecode/data, "
               "else the task's Hugging Face Hub dataset)")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--guide", default=None, help="token guide name (listed below)")

@@ -29,7 +29,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--train-layers", type=int, default=None,
               help="train the head and the top N backbone layers only (0 = the head alone; default: everything)")
 @click.option("--task", required=True, help="task to collect on: synthetic, gsm8k, ... (needs a checker)")
-@click.option("--data", default=None, help="data file or directory (default: $GUIDEDECODE_DATA or ../shared/data)")
+@click.option("--data", default=None, help="data file or directory (default: $GUIDEDECODE_DATA, ~/.cache/guidedecode/data, else the Hub)")
 @click.option("--split", default="train", show_default=True, help="task split to train on")
 @click.option("--level", type=int, default=None, help="difficulty level (synthetic task)")
 @click.option("--out", "out_dir", default=None,

@@ -14,7 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The test machines keep the data sets beside the repository; the library finds them through $GUIDEDECODE_DATA
+# (also in the scripts and CLIs the tests start as subprocesses).
 DATA_DIR = Path(os.environ.get("GUIDEDECODE_DATA", REPO.parent / "shared" / "data"))
+os.environ.setdefault("GUIDEDECODE_DATA", str(DATA_DIR))
 
 
 @pytest.fixture(scope="session")

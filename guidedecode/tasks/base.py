@@ -4,9 +4,11 @@ A task turns data files into :class:`Problem` rows, a problem into chat messages
 answer (:meth:`Task.extract`) and a completion into a verdict (:meth:`Task.check`).
 
 Data is read with the ``datasets`` library, from the first of: an explicit ``path`` (the CLI's
-``--data``); ``$GUIDEDECODE_DATA``; ``<repository>/../shared/data`` (layout in that folder's README);
-else the task's dataset on the Hugging Face Hub by its real id (:attr:`Task.hub`, e.g.
-``openai/gsm8k``), the path a user with a network and a fresh clone gets.
+``--data``); ``$GUIDEDECODE_DATA``; the default data directory :data:`DEFAULT_DATA_DIR`
+(``$GUIDEDECODE_CACHE/data``, else ``~/.cache/guidedecode/data``; a task's files lie there under the
+relative paths of :attr:`Task.files`, e.g. ``gsm8k/test.jsonl``); else the task's dataset on the Hugging
+Face Hub by its real id (:attr:`Task.hub`, e.g. ``openai/gsm8k``), the path a user with a network and a
+fresh clone gets.
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
-#: The data dir used when neither a path nor ``$GUIDEDECODE_DATA`` is given.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+#: The data dir used when neither a path nor ``$GUIDEDECODE_DATA`` is given (next to the converted models).
+DEFAULT_DATA_DIR = Path(os.environ.get("GUIDEDECODE_CACHE") or Path.home() / ".cache" / "guidedecode") / "data"
 
 
 def data_dir() -> Path:
-    """``$GUIDEDECODE_DATA``, else ``<repository>/../shared/data``."""
+    """``$GUIDEDECODE_DATA``, else :data:`DEFAULT_DATA_DIR`."""
     env = os.environ.get("GUIDEDECODE_DATA")
     if env:
         return Path(env)
@@ -132,6 +134,9 @@ class Task:
         relative = Path(self.files[split])
         if path is None:
             candidates = [data_dir() / relative]
+        elif not Path(path).exists():
+            raise TaskError(f"{self.name}: data path {str(path)!r} does not exist (give a {Path(relative).suffix} "
+                            f"file or a directory holding {relative})")
         else:
             candidates = [Path(path) / relative, Path(path) / relative.name]
         for candidate in candidates:
