@@ -363,3 +363,16 @@ def test_build_sft_names_bad_records():
         build_sft([{"id": "q1", "question": "?"}])
     with pytest.raises(TrainingError, match="upsample"):
         build_sft([], upsample=0)
+
+
+def test_empty_data_files_and_contradictory_dots_settings_are_named(tmp_path):
+    from guidedecode.errors import TaskError
+    from guidedecode.tasks.base import read_rows
+    from guidedecode.training.dots import DotsPlannerConfig
+
+    for text in ("", "[]\n", "  \n"):
+        (tmp_path / "d.json").write_text(text)
+        with pytest.raises(TaskError, match="holds no rows"):
+            read_rows(tmp_path / "d.json")
+    with pytest.raises(TrainingError, match="internal format only"):
+        DotsPlannerConfig(format="external", target="full_dialogue").validate()

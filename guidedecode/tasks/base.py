@@ -75,6 +75,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a local JSON-array, JSONL or gzipped JSONL file, read through ``datasets``."""
     if not path.is_file():
         raise TaskError(f"data file not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(64).strip()
+    if head in (b"", b"[]", b"{}"):
+        raise TaskError(f"data file {path} holds no rows (it is empty)")
     import datasets  # heavy; only needed when loading
 
     # Local files are small: the "Generating train split" bar is noise (and would land on stderr

@@ -80,6 +80,9 @@ class DotsPlannerConfig:
             raise TrainingError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.target not in TARGETS:
             raise TrainingError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.format == "external" and self.target != "first_turn":
+            raise TrainingError(f"target {self.target!r} applies to the internal format only (an external planner's "
+                                "output has no solution): use --format internal or leave --target at first_turn")
         error = TrainingError
         v.optional(v.positive_int, "questions", self.questions, error=error)
         for name in ("upsample", "epochs", "batch_size", "grad_accum", "lora_r", "max_length", "batch_size_generate",
