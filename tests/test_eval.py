@@ -145,7 +145,8 @@ def run_cli(monkeypatch, capsys, *args):
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "--task", "nope"], "error: unknown task 'nope'"),
-    (["eval", "--task", "gsm8k", "--data", "/no/such/dir", "--model", "x"], "error: gsm8k: data file not found"),
+    (["eval", "--task", "gsm8k", "--data", "/no/such/dir", "--model", "x"],
+     "error: gsm8k: data path '/no/such/dir' does not exist"),
     (["eval", "--task", "gsm8k", "--model", "no-such-model", "-n", "1"], "error: unknown model 'no-such-model'"),
     (["generate", "--prompt", "  "], "error: empty prompt"),
     (["eval", "--task", "synthetic", "--guide", "nope", "-n", "1"], "error: unknown guide 'nope'"),
