@@ -208,3 +208,14 @@ def test_bad_options_feedback_and_damaged_files_are_named(tmp_path):
     editor.save_pretrained(tmp_path / "ed")
     with pytest.raises(DeltaError, match="optune.safetensors holds non-finite values"):
         OpTuneEditor.from_pretrained(tmp_path / "ed")
+
+
+def test_capture_refuses_float_or_out_of_vocabulary_ids():
+    model = tiny_model("llama", seed=0, vocab_size=40)
+    editor = OpTuneEditor.for_model(model, layers=[-1])
+    with pytest.raises(DeltaError, match="integer tensor"):
+        editor.edit(model, torch.ones(1, 4))
+    with pytest.raises(DeltaError, match="outside the model's vocabulary"):
+        editor.edit(model, torch.tensor([[1, 2, 40]]))
+    with pytest.raises(DeltaError, match="nn.Module"):
+        DeltaInjector(None)

@@ -690,3 +690,11 @@ def test_bad_dots_and_search_numbers_are_named():
                              ({"max_new_tokens": 0}, "max_new_tokens must be >= 1")):
         with pytest.raises(StrategyError, match=message):
             SearchConfig(**options).validate()
+
+
+@pytest.mark.parametrize("bad", [7, "no", 0.5])
+def test_dots_constrain_must_be_a_boolean(bad):
+    from guidedecode.dots import DOTS
+
+    with pytest.raises(StrategyError, match="constrain"):
+        DOTS(trajectory="CoT", constrain=bad)

@@ -634,3 +634,11 @@ def test_bad_vocab_and_guide_options_are_named(base_tokenizer):
             PlanningTokenGuide(VOCAB, **options)
     assert PlanningTokenGuide(VOCAB, max_steps=2, multi_type=1, before=[["memory", "reason"]]).before == (
         ("memory", "reason"),)
+
+
+def test_add_planning_tokens_needs_a_model_and_a_tokenizer(base_tokenizer):
+    model = tiny_model("llama", vocab_size=len(base_tokenizer))
+    with pytest.raises(PlanningTokenError, match="transformers model"):
+        add_planning_tokens(None, base_tokenizer, ["memory"])
+    with pytest.raises(PlanningTokenError, match="transformers tokenizer"):
+        add_planning_tokens(model, None, ["memory"])

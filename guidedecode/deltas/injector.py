@@ -169,6 +169,8 @@ class DeltaInjector:
     """
 
     def __init__(self, model: nn.Module, deltas: Mapping | None = None, *, backend: str | None = None):
+        if not isinstance(model, nn.Module):
+            raise DeltaError(f"DeltaInjector needs a torch model (nn.Module), got {type(model).__name__}")
         self.model = model
         self.backend = validation.optional(validation.choice, "backend", backend, choices=("auto", "triton", "torch"),
                                            error=DeltaError)

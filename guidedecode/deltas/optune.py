@@ -275,6 +275,13 @@ class OpTuneEditor(nn.Module):
         sample b's real next tokens. Base parameters get no gradient; layers below the first target build no graph.
         """
         self.check_model(model)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32):
+            raise DeltaError(f"input_ids must be an integer tensor [batch, tokens], got "
+                             f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}")
+        vocab = model.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise DeltaError(f"input_ids hold ids outside the model's vocabulary [0, {vocab})")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if (attention_mask.sum(1) < 2).any():

@@ -143,6 +143,9 @@ class DOTS(StepStrategy):
         top_p = validation.probability("top_p", top_p, error=StrategyError)
         seed = validation.optional(validation.integer, "seed", seed, error=StrategyError)
         plan_max_new_tokens = validation.positive_int("plan_max_new_tokens", plan_max_new_tokens, error=StrategyError)
+        if constrain not in (True, False) or isinstance(constrain, float):  # True/False or 1/0, not 7 or "no"
+            raise StrategyError(f"constrain must be True or False, got {constrain!r}")
+        constrain = bool(constrain)
         if on_missing_plan not in ("fallback", "error", "complete"):
             raise StrategyError(f"on_missing_plan must be 'fallback', 'error' or 'complete', got {on_missing_plan!r}")
         if on_missing_plan == "complete" and not constrain:

@@ -205,6 +205,10 @@ def add_planning_tokens(model, tokenizer, types: Sequence[str], *, n_prefix: int
     noise. A tied model stays tied. Raises :class:`PlanningTokenError` for bad settings or token
     strings that the tokenizer already knows.
     """
+    if not callable(getattr(model, "get_input_embeddings", None)):
+        raise PlanningTokenError(f"add_planning_tokens needs a transformers model, got {type(model).__name__}")
+    if not callable(getattr(tokenizer, "add_tokens", None)):
+        raise PlanningTokenError(f"add_planning_tokens needs a transformers tokenizer, got {type(tokenizer).__name__}")
     if init_text is not None and not isinstance(init_text, Mapping):
         raise PlanningTokenError(f"init_text must be a mapping {{key: words}}, got {type(init_text).__name__}")
     init_text = dict(init_text or {})
