@@ -44,7 +44,6 @@ the events (plan, fallback, code runs with status/stdout/detail, verdicts).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 

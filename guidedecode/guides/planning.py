@@ -98,6 +98,7 @@ class PlanningTokenGuide(TokenGuide):
         self._table = vocab.id_table()
         self._first = {key: vocab.ids(key)[0] for key in vocab.keys}
         self._planning = torch.tensor(vocab.new_ids, dtype=torch.long)
+        self._last_id = int(self._planning[-1])  # read every step: not rebuilt from the vocabulary
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
     # ------------------------------------------------------------------ the grammar
@@ -213,9 +214,9 @@ class PlanningTokenGuide(TokenGuide):
     def adjust(self, scores, state, active):
         if not self.complete_blocks and not self.steered:
             return scores
-        if scores.shape[-1] <= self.vocab.new_ids[-1]:
+        if scores.shape[-1] <= self._last_id:
             raise GuideError(f"the scores cover {scores.shape[-1]} tokens, but the planning tokens go up to id "
-                             f"{self.vocab.new_ids[-1]}: use the planner's model (its vocabulary was extended)")
+                             f"{self._last_id}: use the planner's model (its vocabulary was extended)")
         planning = self._planning.to(scores.device)
         for index, (row, is_active) in enumerate(zip(state, active.tolist())):
             if not is_active:

@@ -217,11 +217,10 @@ class FTTT(WeightUpdateStrategy):
                  modules=("q_proj", "v_proj"), layers=None, lr: float = 1e-5, reflection_weight: float = 1.0,
                  reflection_tokens: int = 256, **options):
         super().__init__(k, **options)
-        rank = validation.positive_int("rank", rank, error=StrategyError)
-        for name, value in (("lr", lr), ("alpha", alpha)):
-            if validation.number(name, value, error=StrategyError) <= 0:
-                raise StrategyError(f"FTTT needs {name} > 0, got {value}")
-        self.reflection, self.rank, self.alpha, self.lr = bool(reflection), int(rank), float(alpha), float(lr)
+        self.reflection = bool(reflection)
+        self.rank = validation.positive_int("rank", rank, error=StrategyError)
+        self.alpha = validation.number("alpha", alpha, above=0, error=StrategyError)
+        self.lr = validation.number("lr", lr, above=0, error=StrategyError)
         self.modules, self.layers = modules, layers
         self.reflection_weight, self.reflection_tokens = float(reflection_weight), int(reflection_tokens)
 

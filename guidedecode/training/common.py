@@ -248,7 +248,7 @@ def check_ready_backend(kind: str, backend, model: str) -> None:
     """A backend handed to a trainer must be the kind its settings record (and, for vLLM, serve ``model``)."""
     if backend is None:
         return
-    is_vllm = type(backend).__name__ == "VLLMBackend"
+    is_vllm = _is_vllm(backend)
     if is_vllm != (kind == "vllm"):
         raise TrainingError(f"the given backend is a {type(backend).__name__} but the run's backend setting is "
                             f"{kind!r}: give backend={'vllm' if is_vllm else 'hf'!r} in the settings")
@@ -261,9 +261,16 @@ def check_ready_backend(kind: str, backend, model: str) -> None:
             raise TrainingError(f"the given vLLM engine serves {served!r}, but the run's model is {model!r}")
 
 
+def _is_vllm(backend) -> bool:
+    """A backend (or Q♯ sampler) on a vLLM engine: it holds the ``vllm.LLM`` as ``.llm`` (checked without
+    importing vLLM, which the main environment may lack)."""
+    return hasattr(backend, "llm")
+
+
 def describe_backend(backend) -> dict:
-    """What a trainer records about the backend its data came from: kind, weights' dtype, device."""
-    if type(backend).__name__ == "VLLMBackend":
+    """What a trainer records about the backend its data came from: kind, weights' dtype, device (anything
+    holding ``.llm``, a vLLM engine, or ``.model``, a torch model)."""
+    if _is_vllm(backend):
         engine = backend.llm.llm_engine
         return {"backend": "vllm", "dtype": str(engine.model_config.dtype).removeprefix("torch."),
                 "device": str(engine.vllm_config.device_config.device)}

@@ -65,7 +65,7 @@ from guidedecode.errors import GuideError, TrainingError
 from guidedecode.records import read_json, write_json
 from guidedecode.records import read_jsonl as _read_jsonl
 from guidedecode.training.common import (ADDED_SETTINGS, atomic_dir, check_collection_backend, check_ready_backend,
-                                         collect_resumable, describe_backend)
+                                         collect_resumable, collection_backend, describe_backend)
 
 HEADS = ("v", "q")
 LOSSES = ("bce", "mse", "mle")
@@ -741,10 +741,9 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
     model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)  # also the value backbone
     if config.backend == "vllm":
         check_same_tokenizer(policy.tokenizer, tokenizer)
-        collection = describe_backend(backend)
     else:
         policy = Policy.from_model(model, tokenizer)
-        collection = {"backend": "hf", "dtype": str(model.dtype).removeprefix("torch."), "device": str(device)}
+    collection = describe_backend(policy)
     say(f"{len(problems)} problems: {len(train_ids)} train, {len(held_ids)} held out; eos ids {policy.eos_token_ids}"
         f"; collecting with {collection}")
 
@@ -813,8 +812,6 @@ def run(config: QSharpTrainConfig, out_dir: str | os.PathLike, *, progress: bool
 def _vllm_backend(config: QSharpTrainConfig, out: Path, *, guided: bool):
     """A VLLMBackend for collection; for guided rounds its engine carries the Q# processor and accepts the
     value models this run writes (``$GUIDEDECODE_VALUE_MODEL_ROOT`` = the run directory)."""
-    from guidedecode.training.common import collection_backend
-
     processors = []
     if guided:
         from guidedecode.vllm import QSharp

@@ -36,6 +36,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
+from guidedecode.errors import GuideError
 from guidedecode.guides.base import TokenGuide
 
 __all__ = ["ActionLine", "GuideLogitsProcessor", "PlanningTokens", "QSharp"]
@@ -236,10 +237,10 @@ class QSharp(GuideLogitsProcessor):
 
     def setup(self, vllm_config):
         self.value_models: OrderedDict[str, Any] = OrderedDict()  # per-request ones, least recently used first
-        self.default_value_model = os.environ.get(VALUE_MODEL_ENV) or None
-        self.default = None
-        if self.default_value_model:  # a broken default is an error at engine start, not at the first request
-            self.default = self._load(self.default_value_model)
+        self._served_tokenizer = None  # loaded on the first value-model check
+        directory = os.environ.get(VALUE_MODEL_ENV)
+        # a broken default is an error at engine start, not at the first request
+        self.default = self._load(directory) if directory else None
 
     def load_value_model(self, directory: str | None):
         """The engine's default value model (``None``), or the one saved in ``directory`` (loaded on first
@@ -264,19 +265,14 @@ class QSharp(GuideLogitsProcessor):
 
     def _check_tokenizer(self, value_model) -> None:
         """The value model must share the served model's tokenizer (it reads the same token ids)."""
-        name = getattr(getattr(self.vllm_config, "model_config", None), "tokenizer", None)
-        if not name:
-            return
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except (OSError, ValueError):
-            return  # a hub tokenizer not in the local cache: the engine itself will report it
-        value_model.check_tokenizer(tokenizer)
+        if self._served_tokenizer is None:
+            try:
+                self._served_tokenizer = _served_tokenizer(self.vllm_config)
+            except (OSError, ValueError, GuideError):
+                return  # no tokenizer named, or a hub one not in the local cache: the engine itself reports it
+        value_model.check_tokenizer(self._served_tokenizer)
 
     def make_guide(self, options, sampling_params):
-        from guidedecode.errors import GuideError
         from guidedecode.guides.qsharp import QSharpGuide
 
         value_model = self.load_value_model(options["value_model"])
@@ -306,8 +302,6 @@ def _flag(extra_args: dict, key: str) -> bool:
 def _served_tokenizer(vllm_config):
     """The served model's tokenizer, from local files (the engine has loaded it already)."""
     from transformers import AutoTokenizer
-
-    from guidedecode.errors import GuideError
 
     name = getattr(getattr(vllm_config, "model_config", None), "tokenizer", None)
     if not name:
@@ -394,7 +388,6 @@ class PlanningTokens(GuideLogitsProcessor):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
             raise ValueError(f"planning_max_steps must be an integer >= 0, got {steps!r}")
         options.update(force_type=force, ban_types=tuple(ban), max_steps=steps)
-        from guidedecode.errors import GuideError
         from guidedecode.guides.planning import PlanningTokenGuide
 
         try:  # type names are checked against the planner's vocabulary here, at admission
@@ -404,8 +397,6 @@ class PlanningTokens(GuideLogitsProcessor):
         return options
 
     def setup(self, vllm_config):
-        from guidedecode.errors import GuideError
-
         try:
             self.planning_vocab = self.vocab()
         except ValueError as exc:
